@@ -1,0 +1,128 @@
+"""Basic layers: RMSNorm, the embedding, and the one linear seam.
+
+Model code calls ``Linear`` (and ``ExpertWeights`` for the stacked routed experts)
+whatever the storage: dense ``[in, out]`` arrays, or AWQ 4-bit packed weights that
+stay packed on the device and are dequantized inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTypeLike = jnp.dtype | str | type
+
+
+def as_dtype(dtype: DTypeLike | None, default=jnp.float32) -> jnp.dtype:
+    """Accept 'float32'/'bfloat16'/'float16' or a jnp dtype; a clear error otherwise."""
+    if dtype is None:
+        return jnp.dtype(default)
+    names = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+             "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(names)} or a jnp dtype")
+        return jnp.dtype(names[dtype])
+    d = jnp.dtype(dtype)
+    if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    return d
+
+
+class QuantizedWeight(nnx.Variable):
+    """Packed integer weights and their scales: loaded, never trained."""
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Normalise in float32, cast back, then scale: the reference's order of rounding.
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=jnp.float32, init_std: float = 0.02):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), init_std, param_dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W with W stored [in, out] (hub checkpoints store [out, in]).
+
+    With ``quant`` (a :class:`dsv2_jax.config.QuantConfig`) the weight is held as AWQ
+    ``qweight``/``qzeros``/``scales`` and dequantized per call by the AWQ kernels.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, dtype=jnp.float32, init_std: float = 0.02,
+                 quant=None):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.quantized = quant is not None
+        if quant is None:
+            self.weight = nnx.Param(_normal(rngs, (in_features, out_features), init_std, param_dtype))
+        else:
+            from .quant.awq import empty_awq_arrays
+
+            q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size)
+            self.group_size = quant.group_size
+            self.qweight, self.qzeros, self.scales = (
+                QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
+
+    def awq_weight(self):
+        from .quant.awq import AWQWeight
+
+        return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
+                         group_size=self.group_size, in_features=self.in_features,
+                         out_features=self.out_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        if self.quantized:
+            from .quant.dispatch import awq_linear
+
+            return awq_linear(x, self.awq_weight()).astype(self.dtype)
+        return jnp.dot(x, self.weight[...].astype(self.dtype))
+
+
+class ExpertWeights(nnx.Module):
+    """A stack of E matrices [E, in, out] for the routed experts (dense or AWQ)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, init_std: float = 0.02, quant=None):
+        self.n, self.in_features, self.out_features = n, in_features, out_features
+        self.quantized = quant is not None
+        if quant is None:
+            self.weight = nnx.Param(_normal(rngs, (n, in_features, out_features), init_std, param_dtype))
+        else:
+            from .quant.awq import empty_awq_arrays
+
+            q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size, stack=n)
+            self.group_size = quant.group_size
+            self.qweight, self.qzeros, self.scales = (
+                QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
+
+    def stacked(self):
+        """The weight as the grouped matmul wants it: a dense array or an AWQWeight."""
+        if not self.quantized:
+            return self.weight[...]
+        from .quant.awq import AWQWeight
+
+        return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
+                         group_size=self.group_size, in_features=self.in_features,
+                         out_features=self.out_features)

@@ -1,0 +1,120 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DESIGN.md §2–3).
+
+Two equivalent ways to attend:
+
+* materialised (training, prefill): ``kv_b_proj`` expands the latent ``c_kv`` into per-head
+  ``k_nope`` [.., 128] and ``v`` [.., 128]; scores = q_nope·k_nope + q_pe·k_pe.
+* absorbed (decode): ``W_UK`` is folded into the query (``q_lat = q_nope · W_UK``, 512-dim per
+  head) so attention runs directly over the cached latent ``c_kv`` and ``k_pe``; the attended
+  latent is expanded once by ``W_UV`` before ``o_proj``. Nothing per head is ever cached.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import DeepseekV2Config
+from .layers import Linear, RMSNorm
+from .rope import apply_rope
+
+_NEG_INF = -1e30  # finite so fully masked rows (padding) give zeros, not NaNs
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs, param_dtype, dtype, quant=None):
+        self.cfg = cfg
+        self.dtype = dtype
+        h, nh = cfg.hidden_size, cfg.num_attention_heads
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(h, nh * cfg.qk_head_dim, **kw)
+        else:
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, **kw)
+            # q_a/kv_a layernorms use 1e-6 whatever rms_norm_eps says (as the reference does).
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, param_dtype=param_dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, **kw)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, **kw)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, param_dtype=param_dtype)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), **kw)
+        self.o_proj = Linear(nh * cfg.v_head_dim, h, **kw)
+
+    # ---- pieces --------------------------------------------------------
+    def query(self, x, cos, sin):
+        cfg = self.cfg
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)  # [B, T, nh, 192]
+        q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x, cos, sin):
+        """The per-token cache entries: c_kv [B, T, r] (normalised) and k_pe [B, T, d_rope] (rotated)."""
+        cfg = self.cfg
+        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, r + d_rope]
+        c_kv = self.kv_a_layernorm(ckv[..., : cfg.kv_lora_rank])
+        k_pe = apply_rope(ckv[..., cfg.kv_lora_rank:], cos, sin)
+        return c_kv.astype(self.dtype), k_pe.astype(self.dtype)
+
+    def kv_b_weight(self) -> jax.Array:
+        """kv_b_proj as [r, nh, nope + v] in the compute dtype (dequantized if AWQ)."""
+        cfg = self.cfg
+        if self.kv_b_proj.quantized:
+            from .quant.awq import dequantize
+
+            w = dequantize(self.kv_b_proj.awq_weight(), jnp.float32)
+        else:
+            w = self.kv_b_proj.weight[...]
+        w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return w.astype(self.dtype)
+
+    # ---- attention -----------------------------------------------------
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, absorbed: bool = False):
+        """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, S] bool (True = attend).
+
+        Without a cache the keys are the T tokens themselves (S = T). With ``cache`` (a pair
+        c_kv [B, S, r], k_pe [B, S, d]) the new entries are written at slots
+        ``cache_index + [0, T)`` first and attention runs over all S slots. Returns
+        (output [B, T, H], updated cache or None).
+        """
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        if cache is not None:
+            cache_c, cache_pe = cache
+            cache_c = jax.lax.dynamic_update_slice_in_dim(cache_c, c_kv, cache_index, axis=1)
+            cache_pe = jax.lax.dynamic_update_slice_in_dim(cache_pe, k_pe, cache_index, axis=1)
+            c_kv, k_pe, cache = cache_c, cache_pe, (cache_c, cache_pe)
+        attend = self._absorbed if absorbed else self._materialised
+        out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
+        out = out.reshape(*x.shape[:2], -1)
+        return self.o_proj(out), cache
+
+    def _softmax(self, scores, mask):
+        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, _NEG_INF)
+        return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+
+    def _materialised(self, q_nope, q_pe, c_kv, k_pe, mask):
+        cfg = self.cfg
+        kv = jnp.einsum("bsr,rnd->bsnd", c_kv, self.kv_b_weight())  # [B, S, nh, 256]
+        k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+        f32 = jnp.float32
+        scores = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
+        scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
+        p = self._softmax(scores, mask)  # [B, nh, T, S]
+        return jnp.einsum("bnts,bsnd->btnd", p, v)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        cfg = self.cfg
+        w = self.kv_b_weight()
+        w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+        f32 = jnp.float32
+        q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
+        q_lat = q_lat.astype(self.dtype)  # [B, T, nh, r]
+        scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv, preferred_element_type=f32)
+        scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
+        p = self._softmax(scores, mask)
+        o_lat = jnp.einsum("bnts,bsr->btnr", p, c_kv, preferred_element_type=f32).astype(self.dtype)
+        return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]

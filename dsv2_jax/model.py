@@ -1,0 +1,163 @@
+"""The DeepSeek-V2 causal language model in Flax NNX.
+
+Example (a tiny random model; ``dsv2_jax.load`` reads a real checkpoint)::
+
+    import jax.numpy as jnp
+    from flax import nnx
+    from dsv2_jax import DeepseekV2, DeepseekV2Config
+
+    cfg = DeepseekV2Config.v2_lite(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=128,
+                                   moe_intermediate_size=32, n_routed_experts=4,
+                                   num_experts_per_tok=2, kv_lora_rank=32,
+                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    model = DeepseekV2(cfg, rngs=nnx.Rngs(0))
+    logits = model(jnp.array([[1, 2, 3]]))   # [1, 3, 256] float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import DeepseekV2Config
+from .layers import Embed, Linear, RMSNorm, as_dtype
+from .mla import MLA
+from .moe import MLP, MoE, Routing
+from .rope import cos_sin
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V] float32
+    hidden_states: tuple[jax.Array, ...] | None = None  # embeddings, then each layer's output
+    routings: tuple[Routing, ...] = ()  # one per MoE layer
+    cache: Any = None  # updated KV cache when one was passed
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DeepseekV2Config, layer: int, *, rngs, param_dtype, dtype, quant=None):
+        self.is_moe = cfg.is_moe_layer(layer)
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = MLA(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        if self.is_moe:
+            self.mlp = MoE(cfg, **kw)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, absorbed=False):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, absorbed)
+        x = x + attn
+        h = self.post_attention_layernorm(x)
+        routing = None
+        if self.is_moe:
+            h, routing = self.mlp(h)
+        else:
+            h = self.mlp(h)
+        return x + h, routing, cache
+
+
+class DeepseekV2(nnx.Module):
+    """DeepSeek-V2 / V2-Lite causal LM. ``model(ids)`` gives float32 logits [B, T, vocab]."""
+
+    def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs, param_dtype="float32",
+                 dtype=None):
+        self.config = cfg
+        param_dtype = as_dtype(param_dtype)
+        dtype = as_dtype(dtype, default=param_dtype)
+        self.dtype = dtype
+        quant = cfg.quantization
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, quant=_layer_quant(cfg, i), **kw)
+            for i in range(cfg.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        # lm_head stays unquantized (AutoAWQ never converts it); the last matmul runs in
+        # the compute dtype and the logits are returned in float32.
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
+        del quant
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits float32 [B, T, vocab] for int ids [B, T] (positions default to 0..T-1)."""
+        return self.forward(input_ids, positions, attention_mask).logits
+
+    def forward(self, input_ids, positions=None, attention_mask=None, *, cache=None,
+                cache_index=None, mask=None, absorbed=False, output_hidden_states=False,
+                logits_slice: slice | None = None) -> ModelOutput:
+        """The full forward pass.
+
+        input_ids [B, T] int; positions [B, T] (default 0..T-1); attention_mask [B, T] (or
+        [B, S] with a cache) marks real tokens. ``cache`` is a tuple of per-layer
+        (c_kv, k_pe) pairs; new entries go to slots ``cache_index + [0, T)`` and attention
+        spans all slots allowed by ``mask`` [B, T, S] (built causally when not given).
+        ``absorbed`` uses the latent-space attention of decode.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids: expected [batch, seq] integers, got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if positions is None:
+            start = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        if mask is None:
+            mask = causal_mask(b, t, cache, cache_index, attention_mask)
+        cos, sin = cos_sin(self.config, positions)
+        x = self.embed_tokens(input_ids)
+        hidden = [x] if output_hidden_states else None
+        routings = []
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None else None
+            x, routing, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, absorbed)
+            if routing is not None:
+                routings.append(routing)
+            if new_cache is not None:
+                new_cache.append(layer_cache)
+            if hidden is not None:
+                hidden.append(x)
+        if logits_slice is not None:
+            x = x[:, logits_slice]
+        x = self.norm(x)
+        logits = self.lm_head(x).astype(jnp.float32)
+        return ModelOutput(
+            logits=logits,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            routings=tuple(routings),
+            cache=tuple(new_cache) if new_cache is not None else None,
+        )
+
+
+def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None) -> jax.Array:
+    """[B, T, S] bool: query slot i sees key slot j <= i (and only real tokens)."""
+    if cache is None:
+        q_slot = jnp.arange(t)
+        s = t
+    else:
+        q_slot = cache_index + jnp.arange(t)
+        s = cache[0][0].shape[1]
+    mask = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+    mask = jnp.broadcast_to(mask, (b, t, s))
+    if attention_mask is not None:
+        mask = mask & jnp.asarray(attention_mask, bool)[:, None, :]
+    return mask
+
+
+def _layer_quant(cfg: DeepseekV2Config, layer: int):
+    q = cfg.quantization
+    if q is None:
+        return None
+    prefix = f"model.layers.{layer}"
+    for skip in q.modules_to_not_convert:
+        # AutoAWQ matches by substring of the module name
+        if skip and (skip in prefix or prefix.endswith(skip)):
+            return None
+    return q
