@@ -159,7 +159,7 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
 
     def put(path, array, e=None, file=None, tensor=None, transpose=False):
         var = flat[path]
-        want = var.value
+        want = var.get_value()
         if e is None:
             hub_shape = _hub_shape(want.shape, transpose, False)
             if tuple(array.shape) != hub_shape:
@@ -197,7 +197,7 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
                 name, e = expected[k]
                 path, transpose, stacked = table[name]
                 if stacked:
-                    want = _hub_shape(flat[path].value.shape, transpose, True)
+                    want = _hub_shape(flat[path].get_value().shape, transpose, True)
                     if tuple(array.shape) != want:
                         raise CheckpointError(
                             f"{fpath}: tensor {k!r} has shape {list(array.shape)}, expected {list(want)}")
@@ -207,7 +207,7 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
         path = next(iter(buffers))
         raise CheckpointError(f"{folder}: experts missing for {'.'.join(map(str, path))}")
     for path, var in nnx.to_flat_state(state):
-        var.value = values[path]
+        var.set_value(values[path])
     model = nnx.merge(graphdef, state)
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
@@ -258,7 +258,7 @@ def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer
         size = 0
         dtypes = set()
         for name, (path, transpose, stacked) in table.items():
-            arr = np.asarray(jax.device_get(values[path].value))
+            arr = np.asarray(jax.device_get(values[path].get_value()))
             dtypes.add(str(arr.dtype))
             tensors = ([(name.format(e=e), arr[e]) for e in range(arr.shape[0])] if stacked
                        else [(name, arr)])
