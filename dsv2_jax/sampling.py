@@ -1,0 +1,217 @@
+"""Next-token sampling: repetition penalty, temperature, top-k, top-p, min-p.
+
+Pure jnp functions over a batch of logits [B, V]. `SamplingParams` is a frozen (hashable)
+dataclass of plain Python values, so it is a static argument to `jax.jit` and a closed-over
+constant inside `lax.while_loop`; disabled filters cost nothing because they are skipped in Python.
+The order of operations is Hugging Face's: repetition penalty, then temperature, top-k, top-p,
+min-p, then a categorical draw.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from dsv2_jax.sampling import SamplingParams, sample
+    >>> params = SamplingParams(temperature=0.7, top_p=0.9, seed=0)
+    >>> logits = jnp.array([[2.0, 1.0, 0.5, -1.0]])
+    >>> sample_jit = jax.jit(sample, static_argnames="params")
+    >>> sample_jit(logits, params.key(), params=params).shape
+    (1,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token. Defaults are greedy decoding with no filters.
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = off).
+    top_p: keep the smallest set of tokens whose probability sums to >= top_p (1.0 = off).
+    min_p: keep tokens with probability >= min_p * the top token's probability (0 = off).
+    repetition_penalty: CTRL/HF penalty on tokens already in prompt or output (1.0 = off).
+    seed: seeds `key()`, the PRNG key a generation loop starts from.
+
+    Invalid values raise ValueError at construction (see `validate`).
+
+    Example:
+        >>> SamplingParams(temperature=0.6, top_p=0.95, seed=1)
+        SamplingParams(temperature=0.6, top_k=0, top_p=0.95, min_p=0.0, repetition_penalty=1.0, seed=1)
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the first bad argument; return self when all are valid."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def key(self) -> jax.Array:
+        """`jax.random.key(seed)`: the key a generation loop splits one subkey per step from."""
+        return jax.random.key(self.seed)
+
+
+def apply_repetition_penalty(logits: jax.Array, seen_mask: jax.Array, penalty: float) -> jax.Array:
+    """Penalize tokens already seen (CTRL rule, as HF): positive logits / penalty, negative * penalty.
+
+    logits [B, V] float, seen_mask [B, V] bool (token appears in the prompt or the output so far).
+
+    Example:
+        >>> apply_repetition_penalty(jnp.array([[2.0, -2.0, 1.0]]), jnp.array([[True, True, False]]), 2.0)
+        Array([[ 1., -4.,  1.]], dtype=float32)
+    """
+    # Dividing a negative logit would raise it, so negatives are multiplied instead.
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen_mask, penalized, logits)
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """Set all but the k largest logits of each row to -inf (k = 0 or k >= V: unchanged).
+
+    Tokens tied with the k-th value are all kept, as in HF's TopKLogitsWarper.
+
+    Example:
+        >>> top_k_mask(jnp.array([[1.0, 3.0, 2.0]]), 2)
+        Array([[-inf,  3.,  2.]], dtype=float32)
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _top_p_threshold(sorted_desc: jax.Array, top_p) -> jax.Array:
+    """Smallest logit of the nucleus, given each row's logits sorted descending. Returns [B, 1]."""
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # A token is in the nucleus when the mass strictly above it is still < top_p; that keeps the
+    # smallest prefix reaching top_p, and always the top token (its mass above is 0).
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)  # >= 1
+    return jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+
+
+def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
+    """Nucleus filter: keep the smallest set of top tokens whose probability sums to >= top_p.
+
+    Always keeps the top token. `top_p` = 1 leaves logits unchanged. Sorts the whole vocabulary;
+    `filter_logits` sorts only the top-k candidates when top-k is also on.
+
+    Example:
+        >>> top_p_mask(jnp.log(jnp.array([[0.5, 0.3, 0.2]])), 0.7)  # 0.5 < 0.7 <= 0.8
+        Array([[-0.6931472, -1.2039728,       -inf]], dtype=float32)
+    """
+    if top_p >= 1:
+        return logits
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    return jnp.where(logits < _top_p_threshold(sorted_desc, top_p), NEG_INF, logits)
+
+
+def min_p_mask(logits: jax.Array, min_p: float) -> jax.Array:
+    """Keep tokens whose probability is >= min_p times the top token's (min_p = 0: unchanged).
+
+    Example:
+        >>> min_p_mask(jnp.log(jnp.array([[0.6, 0.3, 0.1]])), 0.25)  # 0.1 < 0.25 * 0.6
+        Array([[-0.5108256, -1.2039728,       -inf]], dtype=float32)
+    """
+    if min_p <= 0:
+        return logits
+    # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p): no softmax needed, and the
+    # comparison stays exact where tiny probabilities would underflow.
+    max_logit = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(logits - max_logit < math.log(min_p), NEG_INF, logits)
+
+
+def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Apply top-k, then top-p, then min-p (HF's order) to already temperature-scaled logits."""
+    k = params.top_k if 0 < params.top_k < logits.shape[-1] else 0
+    if k and params.top_p < 1:
+        # The nucleus lies inside the top-k set, so sort only those k candidates, not all V.
+        top_vals = jax.lax.top_k(logits, k)[0]  # [B, k], descending
+        threshold = _top_p_threshold(top_vals, params.top_p)  # >= the k-th value
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    else:
+        logits = top_p_mask(top_k_mask(logits, k), params.top_p)
+    # min-p compares with the top token, which every filter keeps, so its place in the order
+    # only matters through what top-k/top-p already removed.
+    return min_p_mask(logits, params.min_p)
+
+
+def sample(
+    logits: jax.Array,
+    key: jax.Array,
+    params: SamplingParams,
+    seen_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Pick one token per row of logits [B, V]; returns int32 ids [B].
+
+    Greedy (argmax) when `params.temperature == 0`, else temperature, filters and a categorical
+    draw with `key`. The repetition penalty applies in both modes and needs `seen_mask` [B, V].
+    `params` must be static under jit: `jax.jit(sample, static_argnames="params")`.
+
+    Example:
+        >>> sample(jnp.array([[0.1, 3.0, 0.2]]), jax.random.key(0), SamplingParams())
+        Array([1], dtype=int32)
+    """
+    logits = logits.astype(jnp.float32)
+    if params.repetition_penalty != 1.0:
+        if seen_mask is None:
+            raise ValueError("repetition_penalty != 1 needs seen_mask [B, V] (tokens in prompt and output)")
+        logits = apply_repetition_penalty(logits, seen_mask, params.repetition_penalty)
+    if params.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / params.temperature, params)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def seen_mask_from_tokens(tokens: jax.Array, vocab_size: int, valid: jax.Array | None = None) -> jax.Array:
+    """[B, V] bool mask of the ids present in tokens [B, T]; `valid` [B, T] bool excludes padding.
+
+    Example:
+        >>> seen_mask_from_tokens(jnp.array([[2, 0]]), 4)
+        Array([[ True, False,  True, False]], dtype=bool)
+    """
+    batch = tokens.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], tokens.shape)
+    hit = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+    # .max so a padded position never clears a real hit on the same id.
+    return jnp.zeros((batch, vocab_size), bool).at[rows, tokens].max(hit)
+
+
+def mark_seen(seen_mask: jax.Array, token: jax.Array) -> jax.Array:
+    """Add the just-sampled ids token [B] to seen_mask [B, V]."""
+    return seen_mask.at[jnp.arange(seen_mask.shape[0]), token].set(True)
