@@ -280,7 +280,7 @@ def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         d = cfg.to_dict()
-        main_dtype = "bfloat16" if "bfloat16" in dtypes else "float16" if cfg.quantization else "float32"
+        main_dtype = next((d for d in ("bfloat16", "float16") if d in dtypes), "float32")
         d["torch_dtype"] = main_dtype
         (tmp / "config.json").write_text(json.dumps(d, indent=2))
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

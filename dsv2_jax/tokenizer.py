@@ -107,6 +107,7 @@ class Tokenizer:
             i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
         )
         self._template: jinja2.Template | None = None
+        self.folder: pathlib.Path | None = None
 
     def _special_id(self, token: str, key: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -267,7 +268,7 @@ def load_tokenizer(folder: str | pathlib.Path) -> Tokenizer:
     for key in ("bos_token", "eos_token"):
         if tokens[key] is None:
             raise ValueError(f"{cfg_path}: missing key {key!r}")
-    return Tokenizer(
+    tok = Tokenizer(
         backend,
         bos_token=tokens["bos_token"],
         eos_token=tokens["eos_token"],
@@ -276,6 +277,8 @@ def load_tokenizer(folder: str | pathlib.Path) -> Tokenizer:
         add_bos_token=bool(config.get("add_bos_token", True)),
         name=str(folder),
     )
+    tok.folder = folder  # where the files came from, so a saved model can carry them
+    return tok
 
 
 def _sha256(path: pathlib.Path) -> str:
