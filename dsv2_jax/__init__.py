@@ -9,12 +9,14 @@ Example::
 
 from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, DeepseekV2Config, QuantConfig, RopeScaling
+from .generation import GenerationResult, generate, stream
 from .hub import HubError
 from .model import DeepseekV2, ModelOutput
 
 __all__ = [
     "CheckpointError", "ConfigError", "DeepseekV2", "DeepseekV2Config", "HubError",
-    "ModelOutput", "QuantConfig", "RopeScaling", "load", "load_tokenizer", "save",
+    "GenerationResult", "ModelOutput", "QuantConfig", "RopeScaling", "generate", "load",
+    "load_tokenizer", "save", "stream",
 ]
 
 

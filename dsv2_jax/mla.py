@@ -76,9 +76,9 @@ class MLA(nnx.Module):
         """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, S] bool (True = attend).
 
         Without a cache the keys are the T tokens themselves (S = T). With ``cache`` (a pair
-        c_kv [B, S, r], k_pe [B, S, d]) the new entries are written at slots
-        ``cache_index + [0, T)`` first and attention runs over all S slots. Returns
-        (output [B, T, H], updated cache or None).
+        c_kv [B, S_max, r], k_pe [B, S_max, d]) the new entries are written at slots
+        ``cache_index + [0, T)`` first; attention then runs over all S_max slots, or over the
+        new tokens alone when ``mask`` is [B, T, T]. Returns (output [B, T, H], cache or None).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
@@ -86,7 +86,11 @@ class MLA(nnx.Module):
             cache_c, cache_pe = cache
             cache_c = jax.lax.dynamic_update_slice_in_dim(cache_c, c_kv, cache_index, axis=1)
             cache_pe = jax.lax.dynamic_update_slice_in_dim(cache_pe, k_pe, cache_index, axis=1)
-            c_kv, k_pe, cache = cache_c, cache_pe, (cache_c, cache_pe)
+            cache = (cache_c, cache_pe)
+            # The mask's last axis says what is attended: every cache slot, or (first prefill
+            # chunk, nothing cached before it) just the T new tokens, which is cheaper.
+            if mask.shape[-1] == cache_c.shape[1]:
+                c_kv, k_pe = cache_c, cache_pe
         attend = self._absorbed if absorbed else self._materialised
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
         out = out.reshape(*x.shape[:2], -1)

@@ -1,0 +1,36 @@
+"""Multi-process runs on JAX's own multi-controller runtime (``jax.distributed``).
+
+Every process runs the same program; one of them also hosts the coordinator. On CPU the
+collectives go through gloo, so two processes on one machine behave like two hosts.
+
+Example (two processes on this machine, one terminal each)::
+
+    python -m infer.generate --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0
+    python -m infer.generate --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Join the run. Arguments fall back to DSV2_COORDINATOR / DSV2_NUM_PROCESSES /
+    DSV2_PROCESS_ID, then to JAX's own cluster detection (SLURM, etc.) when all are unset."""
+    coordinator = coordinator or os.environ.get("DSV2_COORDINATOR")
+    if num_processes is None and "DSV2_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["DSV2_NUM_PROCESSES"])
+    if process_id is None and "DSV2_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["DSV2_PROCESS_ID"])
+    if coordinator and (num_processes is None or process_id is None):
+        raise ValueError("distributed: --coordinator needs --num-processes and --process-id "
+                         "(or DSV2_NUM_PROCESSES / DSV2_PROCESS_ID)")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"distributed: process_id = {process_id}: expected 0..{num_processes - 1}")
+    # CPU processes need a collectives implementation to talk to each other; GPU runs ignore it.
+    # (No backend query here: backends must not start before jax.distributed.initialize.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)

@@ -1,0 +1,330 @@
+"""Text generation over the latent KV cache.
+
+Prompts are left-padded to a bucketed length (so a new prompt length rarely compiles again),
+prefilled in chunks with materialised MLA, then decoded in latent space (absorbed MLA) inside
+one ``lax.while_loop`` on the device. Rows of a batch keep their own positions and masks, so
+each row gives what it would give alone.
+
+Example::
+
+    import dsv2_jax
+    model = dsv2_jax.load("path/to/model")
+    out = dsv2_jax.generate(model, prompts=["ROMEO:"], max_new_tokens=40)
+    print(out.texts[0], out.decode_tokens_per_s)
+    for piece in dsv2_jax.stream(model, prompts=["ROMEO:"], max_new_tokens=40):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import init_cache
+from .sampling import SamplingParams, mark_seen, sample, seen_mask_from_tokens
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill call; bounds attention memory to chunk × cache
+MIN_BUCKET = 16  # prompts are padded to a power of two >= this (then to multiples of the chunk)
+CACHE_BUCKET = 128  # cache lengths are rounded up to a multiple of this
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    texts: list[str] | None  # decoded new text per row (None without a tokenizer)
+    token_ids: list[list[int]]  # new tokens per row (EOS and stop tokens excluded)
+    prompt_ids: list[list[int]]
+    finish_reasons: list[str]  # "eos", "stop" or "length"
+    prefill_s: float
+    decode_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+def bucket_length(n: int) -> int:
+    """Padded prompt length: powers of two up to the chunk, then multiples of the chunk."""
+    if n <= PREFILL_CHUNK:
+        return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    return -(-n // PREFILL_CHUNK) * PREFILL_CHUNK
+
+
+# ---------------------------------------------------------------------------
+# jitted pieces (graphdef static: compiled once per model structure and shape)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill_chunk(graphdef, state, ids, positions, mask, cache, start):
+    model = nnx.merge(graphdef, state)
+    out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask,
+                        logits_slice=slice(-1, None))
+    return out.logits[:, 0], out.cache
+
+
+def _decode_logits(model, cache, token, slot, pad):
+    """One absorbed-MLA step for tokens [B] at cache slot ``slot``."""
+    s = cache[0][0].shape[1]
+    slots = jnp.arange(s)
+    mask = (slots[None, :] <= slot) & (slots[None, :] >= pad[:, None])  # [B, S]
+    out = model.forward(token[:, None], (slot - pad)[:, None], cache=cache, cache_index=slot,
+                        mask=mask[:, None, :], absorbed=True)
+    return out.logits[:, 0], out.cache
+
+
+def _loop_body(graphdef, params: SamplingParams, vocab_limit: int, eos_id: int, ignore_eos: bool,
+               state, carry):
+    """Sample one token per row from the carried logits, record it, compute the next logits."""
+    model = nnx.merge(graphdef, state)
+    logits = carry["logits"]
+    if vocab_limit < logits.shape[-1]:  # ids the tokenizer cannot decode are never sampled
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    key, sub = jax.random.split(carry["key"])
+    token = sample(logits, sub, params, carry.get("seen"))
+    done = carry["done"]
+    token = jnp.where(done, eos_id, token).astype(jnp.int32)
+    step = carry["step"]
+    tokens = jax.lax.dynamic_update_slice_in_dim(carry["tokens"], token[:, None], step, axis=1)
+    if not ignore_eos:
+        done = done | (token == eos_id)
+    new = dict(carry, key=key, tokens=tokens, done=done, step=step + 1)
+    if "seen" in carry:
+        new["seen"] = mark_seen(carry["seen"], token)
+    new["logits"], new["cache"] = _decode_logits(model, carry["cache"], token, carry["slot"], carry["pad"])
+    new["slot"] = carry["slot"] + 1
+    return new
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "vocab_limit", "eos_id",
+                                             "ignore_eos", "max_new"), donate_argnames=("carry",))
+def _decode_loop(graphdef, state, carry, *, params, vocab_limit, eos_id, ignore_eos, max_new):
+    body = functools.partial(_loop_body, graphdef, params, vocab_limit, eos_id, ignore_eos, state)
+    cond = lambda c: (c["step"] < max_new) & ~jnp.all(c["done"])  # noqa: E731
+    return jax.lax.while_loop(cond, body, carry)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "vocab_limit", "eos_id",
+                                             "ignore_eos"), donate_argnames=("carry",))
+def decode_step(graphdef, state, carry, *, params, vocab_limit, eos_id, ignore_eos):
+    """One decode step (the streaming path); compiled once per shape, whatever the step."""
+    return _loop_body(graphdef, params, vocab_limit, eos_id, ignore_eos, state, carry)
+
+
+# ---------------------------------------------------------------------------
+# host side
+
+
+def _prompt_ids(model, tokenizer, prompts, messages, prompt_ids, add_bos) -> list[list[int]]:
+    given = [x is not None for x in (prompts, messages, prompt_ids)]
+    if sum(given) != 1:
+        raise ValueError("generate: pass exactly one of prompts=, messages= or prompt_ids=")
+    if prompt_ids is not None:
+        if prompt_ids and isinstance(prompt_ids[0], (int, np.integer)):
+            prompt_ids = [prompt_ids]
+        rows = [[int(i) for i in row] for row in prompt_ids]
+    else:
+        if tokenizer is None:
+            raise ValueError("generate: prompts=/messages= need a tokenizer (the model folder had "
+                             "none); pass tokenizer= or prompt_ids=")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            rows = [tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+        else:
+            convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+            rows = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
+                    for c in convs]
+    vocab = model.config.vocab_size
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"generate: prompt {b} is empty")
+        bad = [i for i in row if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {b} has token id {bad[0]} outside [0, {vocab})")
+    return rows
+
+
+class _Session:
+    """Prefill done, decode state ready: shared by generate() and stream()."""
+
+    def __init__(self, model, tokenizer, rows, max_new_tokens, params, ignore_eos, max_len=None):
+        cfg = model.config
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens = {max_new_tokens}: expected >= 1")
+        params.validate()
+        self.rows, self.tokenizer, self.max_new = rows, tokenizer, max_new_tokens
+        longest = max(len(r) for r in rows)
+        limit = max_len or cfg.max_position_embeddings
+        if longest + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
+                f"{limit} tokens (max_position_embeddings)")
+        b = len(rows)
+        p = bucket_length(longest)
+        s = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        pad = np.array([p - len(r) for r in rows], np.int32)
+        ids = np.zeros((b, p), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, pad[i]:] = r
+        positions = np.maximum(np.arange(p)[None, :] - pad[:, None], 0).astype(np.int32)
+        self.graphdef, self.state = nnx.split(model)
+        cache = init_cache(cfg, b, s, model.dtype)
+        eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
+        self.static = dict(params=params, eos_id=int(eos if eos is not None else -1),
+                           ignore_eos=bool(ignore_eos or eos is None),
+                           vocab_limit=int(min(cfg.vocab_size, tokenizer.vocab_size)
+                                           if tokenizer is not None else cfg.vocab_size))
+        t0 = time.perf_counter()
+        chunk = min(p, PREFILL_CHUNK)
+        slots = np.arange(s)
+        for start in range(0, p, chunk):
+            q = np.arange(start, start + chunk)
+            if start == 0:  # nothing cached yet: attend over the chunk itself
+                m = (slots[None, :chunk] <= q[:, None])[None] & (slots[:chunk] >= pad[:, None, None])
+            else:
+                m = (slots[None, :] <= q[:, None])[None] & (slots >= pad[:, None, None])
+            logits, cache = _prefill_chunk(self.graphdef, self.state, jnp.asarray(ids[:, start:start + chunk]),
+                                           jnp.asarray(positions[:, start:start + chunk]), jnp.asarray(m),
+                                           cache, jnp.int32(start))
+        logits.block_until_ready()
+        self.prefill_s = time.perf_counter() - t0
+        carry = dict(cache=cache, logits=logits, key=jax.random.key(params.seed),
+                     tokens=jnp.zeros((b, max_new_tokens), jnp.int32), done=jnp.zeros((b,), bool),
+                     step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad))
+        if params.repetition_penalty != 1.0:
+            valid = jnp.asarray(np.arange(p)[None, :] >= pad[:, None])
+            carry["seen"] = seen_mask_from_tokens(jnp.asarray(ids), cfg.vocab_size, valid)
+        self.carry = carry
+
+    def run_loop(self):
+        t0 = time.perf_counter()
+        self.carry = _decode_loop(self.graphdef, self.state, self.carry, max_new=self.max_new, **self.static)
+        self.carry["tokens"].block_until_ready()
+        self.decode_s = time.perf_counter() - t0
+
+    def step(self) -> np.ndarray:
+        self.carry = decode_step(self.graphdef, self.state, self.carry, **self.static)
+        return np.asarray(self.carry["tokens"][:, int(self.carry["step"]) - 1])
+
+
+def _finish(rows, tokens, steps, eos_id, ignore_eos, tokenizer, stop) -> tuple[list, list, list]:
+    out_ids, texts, reasons = [], [] if tokenizer else None, []
+    for b in range(len(rows)):
+        row = [int(t) for t in tokens[b, :steps]]
+        reason = "length"
+        if not ignore_eos and eos_id in row:
+            row = row[: row.index(eos_id)]
+            reason = "eos"
+        if tokenizer is not None:
+            text = tokenizer.decode(row)
+            if stop:
+                cut = [text.find(s) for s in stop if s and text.find(s) >= 0]
+                if cut:
+                    text = text[: min(cut)]
+                    # keep the tokens whose text lies before the stop string
+                    while row and len(tokenizer.decode(row)) > len(text):
+                        row = row[:-1]
+                    reason = "stop"
+            texts.append(text)
+        out_ids.append(row)
+        reasons.append(reason)
+    return out_ids, texts, reasons
+
+
+def generate(model, tokenizer=None, *, prompts: str | Sequence[str] | None = None,
+             messages=None, prompt_ids=None, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int = 0, stop: Sequence[str] | None = None,
+             ignore_eos: bool = False, add_bos: bool = True) -> GenerationResult:
+    """Generate for a batch of prompts (text, chat messages, or token ids).
+
+    Greedy when ``temperature`` is 0. Each row stops at EOS (unless ``ignore_eos``), at any of
+    the ``stop`` strings, or after ``max_new_tokens``. The tokenizer defaults to the one loaded
+    with the model. Returns texts, new token ids and prefill/decode throughput.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    rows = _prompt_ids(model, tokenizer, prompts, messages, prompt_ids, add_bos)
+    sess = _Session(model, tokenizer, rows, max_new_tokens, params, ignore_eos)
+    sess.run_loop()
+    steps = int(sess.carry["step"])
+    tokens = np.asarray(sess.carry["tokens"])
+    ids, texts, reasons = _finish(rows, tokens, steps, sess.static["eos_id"],
+                                  sess.static["ignore_eos"], tokenizer, stop)
+    n_prompt = sum(len(r) for r in rows)
+    n_new = len(rows) * steps
+    return GenerationResult(
+        texts=texts, token_ids=ids, prompt_ids=rows, finish_reasons=reasons,
+        prefill_s=sess.prefill_s, decode_s=sess.decode_s,
+        prefill_tokens_per_s=n_prompt / max(sess.prefill_s, 1e-9),
+        decode_tokens_per_s=n_new / max(sess.decode_s, 1e-9),
+    )
+
+
+def stream(model, tokenizer=None, *, prompts=None, messages=None, prompt_ids=None,
+           max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
+           stop: Sequence[str] | None = None, ignore_eos: bool = False, add_bos: bool = True,
+           stats: dict | None = None) -> Iterator[str]:
+    """Yield text pieces of one prompt as tokens arrive (one jitted step per token).
+
+    Pass a dict as ``stats`` to receive token ids, finish reason and timings at the end.
+    Bad arguments raise here, before the first piece.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("stream: needs a tokenizer to produce text; use generate(prompt_ids=...)")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    rows = _prompt_ids(model, tokenizer, prompts, messages, prompt_ids, add_bos)
+    if len(rows) != 1:
+        raise ValueError(f"stream: takes one prompt, got {len(rows)}; use generate() for batches")
+    sess = _Session(model, tokenizer, rows, max_new_tokens, params, ignore_eos)
+    # Validation and prefill happen here, at the call; the pieces come from the generator.
+    return _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats)
+
+
+def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterator[str]:
+    from .tokenizer import StreamDecoder
+
+    dec = StreamDecoder(tokenizer)
+    eos, text, held, new_ids, reason = sess.static["eos_id"], "", "", [], "length"
+    stop = [s for s in (stop or []) if s]
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens):
+        token = int(sess.step()[0])
+        if token == eos and not sess.static["ignore_eos"]:
+            reason = "eos"
+            break
+        new_ids.append(token)
+        piece = dec.push(token)
+        text += piece
+        held += piece
+        hits = [text.find(s) for s in stop if text.find(s) >= 0]
+        if hits:
+            cut = min(hits)
+            already = len(text) - len(held)
+            if cut > already:
+                yield text[already:cut]
+            reason, held = "stop", ""
+            break
+        # hold back a tail that could still grow into a stop string
+        keep = max((len(s) - 1 for s in stop), default=0)
+        if len(held) > keep:
+            emit = held[: len(held) - keep] if keep else held
+            held = held[len(emit):]
+            yield emit
+    if reason != "stop":
+        held += dec.flush()
+    if held:
+        yield held
+    decode_s = time.perf_counter() - t0
+    if stats is not None:
+        stats.update(token_ids=new_ids, prompt_ids=rows[0], finish_reason=reason,
+                     prefill_s=sess.prefill_s, decode_s=decode_s,
+                     prefill_tokens_per_s=len(rows[0]) / max(sess.prefill_s, 1e-9),
+                     decode_tokens_per_s=len(new_ids) / max(decode_s, 1e-9))

@@ -1,0 +1,80 @@
+"""python -m infer.generate end to end on a tiny model carrying DeepSeek's real tokenizer."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder
+from tiny import LITE, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import numpy as np
+
+    d = write_checkpoint(tmp_path_factory.mktemp("cli"), dict(LITE, vocab_size=100096, hidden_size=32,
+                         num_attention_heads=2, num_hidden_layers=2, bos_token_id=100000,
+                         eos_token_id=100001), dtype=np.float16)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(deepseek_v2_tokenizer_folder() / f, d / f)
+    return d
+
+
+def _run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "infer.generate", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_json_output_matches_library(model_dir):
+    import dsv2_jax
+
+    r = _run("--model", str(model_dir), "--prompt", "Hello world", "--max-new-tokens", "6",
+             "--dtype", "float32", "--json", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    model = dsv2_jax.load(model_dir, dtype="float32")
+    tok = model.tokenizer
+    assert out["prompt_ids"] == [100000] + tok.encode("Hello world")
+    ref = dsv2_jax.generate(model, prompts=["Hello world"], max_new_tokens=6, ignore_eos=True)
+    assert out["output_ids"] == ref.token_ids[0] and len(out["output_ids"]) == 6
+    assert out["text"] == tok.decode(ref.token_ids[0])
+    assert out["decode_tokens_per_s"] > 0
+
+
+def test_streaming_and_chat(model_dir):
+    r = _run("--model", str(model_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hi") and "decode" in r.stderr and "tok/s" in r.stderr
+    r = _run("--model", str(model_dir), "--chat", "--system", "Be brief", "--max-new-tokens", "3",
+             stdin="hello\nand again\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Assistant:") == 2
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--model", "/no/such/folder"], "no such model folder"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+])
+def test_bad_input_is_one_clear_line(model_dir, args, pattern):
+    args = args if "--model" in args else ["--model", str(model_dir), *args]
+    r = _run(*args)
+    assert r.returncode == 2
+    assert pattern in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_context(model_dir, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(model_dir, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (short / "config.json").write_text(json.dumps(cfg))
+    r = _run("--model", str(short), "--prompt", "word " * 40)
+    assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
