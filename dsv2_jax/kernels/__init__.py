@@ -1,0 +1,18 @@
+"""Pallas GPU kernels (Triton backend), each beside a pure-jnp reference.
+
+==========================  ===================================================
+kernel                      reference
+==========================  ===================================================
+``awq_dequant``             ``dsv2_jax.quant.awq.dequantize``
+``awq_matmul``              ``dsv2_jax.quant.awq.awq_matmul_reference``
+``awq_grouped_matmul``      ``dsv2_jax.quant.awq.awq_grouped_matmul_reference``
+==========================  ===================================================
+
+Every entry point takes ``implementation`` ('auto' | 'triton' | 'xla') and ``interpret``.
+"""
+
+from dsv2_jax.kernels.awq_dequant import awq_dequant
+from dsv2_jax.kernels.awq_grouped_matmul import awq_grouped_matmul
+from dsv2_jax.kernels.awq_matmul import awq_matmul
+
+__all__ = ["awq_dequant", "awq_grouped_matmul", "awq_matmul"]
