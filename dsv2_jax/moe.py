@@ -1,9 +1,10 @@
 """DeepSeekMoE: softmax router, greedy / group-limited top-k, shared + routed SwiGLU experts.
 
 Routing is a pure function in float32 (DESIGN.md §2). Routed experts are stored stacked
-([E, in, out]); tokens are dispatched dropless by sorting (token, slot) pairs by expert and
-running one grouped matmul per projection (``jax.lax.ragged_dot`` on CPU, the AWQ grouped
-kernel for packed weights), then scattered back weighted by the router probabilities.
+([E, in, out]) and dispatched dropless. Few (token, expert) pairs (decode) gather their own
+expert's weights; many pairs are sorted by expert and run one grouped matmul per projection
+(tiles of one expert each on CPU, ``ragged_dot`` or the AWQ grouped Pallas kernel on GPU),
+then scattered back weighted by the router probabilities.
 """
 
 from __future__ import annotations
@@ -52,13 +53,75 @@ def route(cfg: DeepseekV2Config, router_logits: jax.Array) -> Routing:
     return Routing(scores, topk_idx.astype(jnp.int32), topk_weight)
 
 
+GATHER_MAX_ROWS = 64  # (token, expert) pairs up to which each pair gathers its expert's weights
+
+
+def _expert_weight(w, e, dtype):
+    """Expert e of a stack ([E, in, out] array or stacked AWQWeight) as a dense [in, out]."""
+    if isinstance(w, jax.Array):
+        return w[e].astype(dtype)
+    from .quant.awq import dequantize
+
+    return dequantize(jax.tree.map(lambda a: a[e], w), jnp.float32).astype(dtype)
+
+
+def _gathered_matmul(x, w, expert):
+    """Few rows (decode): row m multiplies its own expert's weight, read once per row."""
+    if isinstance(w, jax.Array):
+        wsel = jnp.take(w, expert, axis=0).astype(x.dtype)  # [M, in, out]
+    else:
+        from .quant.awq import dequantize
+
+        wsel = dequantize(jax.tree.map(lambda a: jnp.take(a, expert, axis=0), w),
+                          jnp.float32).astype(x.dtype)
+    return jnp.einsum("mk,mkn->mn", x, wsel)
+
+
+def _tiled_grouped_matmul(x, w, group_sizes):
+    """Rows sorted by expert, cut into tiles of one expert each; empty tiles are skipped.
+
+    XLA's CPU ragged_dot multiplies every row by every expert (E times the work); this costs
+    at most (rows + used_experts * tile) rows of matmul instead.
+    """
+    m, k = x.shape
+    e = group_sizes.shape[0]
+    n = w.shape[-1] if isinstance(w, jax.Array) else w.out_features
+    tile = int(min(128, max(8, 1 << max(0, (m // e - 1)).bit_length())))
+    n_tiles = -(-m // tile) + e  # static bound on sum_e ceil(group_e / tile)
+    tiles_per = -(-group_sizes // tile)
+    tile_end = jnp.cumsum(tiles_per)  # inclusive
+    row_off = jnp.cumsum(group_sizes) - group_sizes
+    x_pad = jnp.concatenate([x, jnp.zeros((tile, k), x.dtype)])
+
+    def one(i):
+        ex = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), e - 1)
+        first_tile = tile_end[ex] - tiles_per[ex]
+        start = row_off[ex] + (i - first_tile) * tile
+        rows = start + jnp.arange(tile)
+        valid = (i < tile_end[-1]) & (rows < row_off[ex] + group_sizes[ex])
+
+        def compute(_):
+            xw = jax.lax.dynamic_slice_in_dim(x_pad, start, tile)
+            return jnp.dot(xw, _expert_weight(w, ex, x.dtype))
+
+        y = jax.lax.cond(i < tile_end[-1], compute, lambda _: jnp.zeros((tile, n), x.dtype), None)
+        return y, jnp.where(valid, rows, m)
+
+    ys, rows = jax.lax.map(one, jnp.arange(n_tiles))
+    out = jnp.zeros((m + 1, n), x.dtype).at[rows.reshape(-1)].set(ys.reshape(-1, n))
+    return out[:m]
+
+
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
     """x [M, in] sorted by expert, w [E, in, out] (dense or AWQWeight) -> [M, out]."""
-    if isinstance(w, jax.Array):
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    from .quant.dispatch import awq_grouped_linear
+    on_gpu = jax.default_backend() == "gpu"
+    if not isinstance(w, jax.Array) and on_gpu:
+        from .quant.dispatch import awq_grouped_linear
 
-    return awq_grouped_linear(x, w, group_sizes).astype(x.dtype)
+        return awq_grouped_linear(x, w, group_sizes).astype(x.dtype)
+    if on_gpu:
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    return _tiled_grouped_matmul(x, w, group_sizes)
 
 
 def dispatch_experts(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
@@ -66,6 +129,12 @@ def dispatch_experts(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
     """Dropless routed-expert FFN for x [N, H]: sum_k weight_k * expert_k(x)."""
     n, k = routing.topk_idx.shape
     flat_expert = routing.topk_idx.reshape(-1)  # [N*K]
+    if n * k <= GATHER_MAX_ROWS:
+        xs = jnp.repeat(x, k, axis=0)  # [N*K, H], pair order
+        h = jax.nn.silu(_gathered_matmul(xs, w_gate, flat_expert)) * _gathered_matmul(xs, w_up, flat_expert)
+        y = _gathered_matmul(h, w_down, flat_expert)
+        y = y.astype(jnp.float32) * routing.topk_weight.reshape(-1)[:, None]
+        return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
     order = jnp.argsort(flat_expert, stable=True)
     token_of = order // k
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
