@@ -1,0 +1,119 @@
+"""Training losses: next-token cross-entropy and the expert-balance loss (DESIGN.md §2).
+
+Example::
+
+    out = model.forward(ids[:, :-1], attention_mask=mask[:, :-1])
+    ce, n_tokens = cross_entropy(out.logits, ids[:, 1:], mask[:, 1:])
+    loss = ce + total_balance_loss(out, model.config, *ids[:, :-1].shape, mask=mask[:, :-1])
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..moe import Routing
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the tokens where ``loss_mask`` is true.
+
+    logits [B, T, V], targets [B, T] int (already shifted: the target of position t),
+    loss_mask [B, T] (bool or 0/1; ``None`` counts every token). Computed in float32.
+    Returns ``(loss, n_tokens)``: the float32 mean and the float32 count of masked-in tokens;
+    with no token masked in the loss is 0, not NaN.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits {logits.shape}), "
+                         f"got {targets.shape}")
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if loss_mask is None:
+        mask = jnp.ones(targets.shape, jnp.float32)
+    else:
+        if loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask: expected shape {targets.shape}, got {loss_mask.shape}")
+        mask = loss_mask.astype(jnp.float32)
+    n = jnp.sum(mask)
+    loss = jnp.sum(nll * mask) / jnp.maximum(n, 1.0)
+    return loss, n
+
+
+def _check_routing(routing: Routing, batch: int, seq_len: int, n_experts: int, k: int) -> None:
+    want = (batch * seq_len, n_experts)
+    if routing.scores.shape != want:
+        raise ValueError(f"routing.scores: expected [batch*seq_len, n_experts] = {list(want)}, "
+                         f"got {list(routing.scores.shape)}")
+    if routing.topk_idx.shape != (batch * seq_len, k):
+        raise ValueError(f"routing.topk_idx: expected [batch*seq_len, k] = {[batch * seq_len, k]}, "
+                         f"got {list(routing.topk_idx.shape)}")
+
+
+def balance_loss(routing: Routing, batch: int, seq_len: int, alpha: float, n_experts: int,
+                 k: int, mask: jax.Array | None = None, seq_aux: bool = True) -> jax.Array:
+    """The expert-balance loss of one MoE layer (float32 scalar).
+
+    Per sequence of T real tokens: ``f_i = E / (K T) * #{t : i in topk(t)}``,
+    ``P_i = mean_t s_{i,t}``, loss ``= alpha * sum_i f_i P_i``; the mean over sequences that
+    have at least one real token. ``mask`` [B, T] marks real tokens (padding counts in
+    neither f nor P nor T). ``seq_aux=False`` treats the whole batch as one sequence (the
+    reference's batch-level variant). A perfectly balanced router gives ``alpha``.
+
+    ``f`` comes from the top-k indices and carries no gradient; the gradient reaches the
+    router only through ``P``, i.e. through the softmax scores.
+    """
+    _check_routing(routing, batch, seq_len, n_experts, k)
+    if mask is None:
+        m = jnp.ones((batch, seq_len), jnp.float32)
+    else:
+        if mask.shape != (batch, seq_len):
+            raise ValueError(f"mask: expected shape {(batch, seq_len)}, got {mask.shape}")
+        m = mask.astype(jnp.float32)
+    if not seq_aux:
+        batch, seq_len, m = 1, batch * seq_len, m.reshape(1, batch * seq_len)
+    scores = routing.scores.astype(jnp.float32).reshape(batch, seq_len, n_experts)
+    chosen = jax.nn.one_hot(routing.topk_idx, n_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    chosen = jax.lax.stop_gradient(chosen.reshape(batch, seq_len, n_experts))
+    n_real = jnp.sum(m, axis=1)  # [B]
+    denom = jnp.maximum(n_real, 1.0)[:, None]
+    f = n_experts / k * jnp.sum(chosen * m[..., None], axis=1) / denom  # [B, E]
+    p = jnp.sum(scores * m[..., None], axis=1) / denom  # [B, E]
+    per_seq = alpha * jnp.sum(f * p, axis=-1)  # [B]
+    has_tokens = (n_real > 0).astype(jnp.float32)
+    return jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
+
+
+def total_balance_loss(model_output, cfg, batch: int, seq_len: int,
+                       mask: jax.Array | None = None) -> jax.Array:
+    """Sum of :func:`balance_loss` over the MoE layers of a ``ModelOutput``.
+
+    Uses ``cfg.aux_loss_alpha``, ``cfg.n_routed_experts``, ``cfg.num_experts_per_tok`` and
+    ``cfg.seq_aux``. 0 for a model without MoE layers or with ``aux_loss_alpha == 0``.
+    """
+    total = jnp.zeros((), jnp.float32)
+    if not cfg.aux_loss_alpha:
+        return total
+    for routing in model_output.routings:
+        total = total + balance_loss(routing, batch, seq_len, cfg.aux_loss_alpha,
+                                     cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                     mask=mask, seq_aux=cfg.seq_aux)
+    return total
+
+
+def expert_load(routing: Routing, n_experts: int, mask: jax.Array | None = None) -> jax.Array:
+    """Fraction of tokens routed to each expert, float32 [E] (a metric; no gradient).
+
+    Entry i is ``#{t : i in topk(t)} / N`` over the N real tokens (``mask`` [N] or any shape
+    that flattens to N). Entries lie in [0, 1] and sum to K; a balanced router gives K/E each.
+    """
+    n, _ = routing.topk_idx.shape
+    chosen = jax.nn.one_hot(routing.topk_idx, n_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
+    if mask is None:
+        m = jnp.ones((n,), jnp.float32)
+    else:
+        m = jnp.reshape(mask, (-1,)).astype(jnp.float32)
+        if m.shape != (n,):
+            raise ValueError(f"mask: expected {n} entries (one per routed token), got {mask.shape}")
+    load = jnp.sum(chosen * m[:, None], axis=0) / jnp.maximum(jnp.sum(m), 1.0)
+    return jax.lax.stop_gradient(load)
