@@ -12,11 +12,12 @@ from .config import ConfigError, DeepseekV2Config, QuantConfig, RopeScaling
 from .generation import GenerationResult, generate, stream
 from .hub import HubError
 from .model import DeepseekV2, ModelOutput
+from .quant.quantize import quantize
 
 __all__ = [
     "CheckpointError", "ConfigError", "DeepseekV2", "DeepseekV2Config", "HubError",
     "GenerationResult", "ModelOutput", "QuantConfig", "RopeScaling", "generate", "load",
-    "load_tokenizer", "save", "stream",
+    "load_tokenizer", "quantize", "save", "stream",
 ]
 
 

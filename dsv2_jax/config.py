@@ -42,6 +42,10 @@ class QuantConfig:
     version: str = "gemm"
     modules_to_not_convert: tuple[str, ...] = ()
 
+    def applies_to(self, module_name: str) -> bool:
+        """AutoAWQ skips a linear when any modules_to_not_convert entry is a substring of its name."""
+        return not any(skip and skip in module_name for skip in self.modules_to_not_convert)
+
 
 @dataclasses.dataclass(frozen=True)
 class DeepseekV2Config:

@@ -70,7 +70,9 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                  param_dtype=jnp.float32, dtype=jnp.float32, init_std: float = 0.02,
-                 quant=None):
+                 quant=None, name: str = ""):
+        if quant is not None and not quant.applies_to(name):
+            quant = None
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
         self.quantized = quant is not None
@@ -104,7 +106,9 @@ class ExpertWeights(nnx.Module):
     """A stack of E matrices [E, in, out] for the routed experts (dense or AWQ)."""
 
     def __init__(self, n: int, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32, init_std: float = 0.02, quant=None):
+                 param_dtype=jnp.float32, init_std: float = 0.02, quant=None, name: str = ""):
+        if quant is not None and not quant.applies_to(name):
+            quant = None
         self.n, self.in_features, self.out_features = n, in_features, out_features
         self.quantized = quant is not None
         if quant is None:

@@ -23,22 +23,25 @@ _NEG_INF = -1e30  # finite so fully masked rows (padding) give zeros, not NaNs
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs, param_dtype, dtype, quant=None):
+    def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs, param_dtype, dtype, quant=None,
+                 prefix: str = "self_attn"):
         self.cfg = cfg
         self.dtype = dtype
         h, nh = cfg.hidden_size, cfg.num_attention_heads
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(h, nh * cfg.qk_head_dim, **kw)
+            self.q_proj = Linear(h, nh * cfg.qk_head_dim, name=f"{prefix}.q_proj", **kw)
         else:
-            self.q_a_proj = Linear(h, cfg.q_lora_rank, **kw)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, name=f"{prefix}.q_a_proj", **kw)
             # q_a/kv_a layernorms use 1e-6 whatever rms_norm_eps says (as the reference does).
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, param_dtype=param_dtype)
-            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, **kw)
-        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, **kw)
+            self.q_b_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, name=f"{prefix}.q_b_proj", **kw)
+        self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                         name=f"{prefix}.kv_a_proj_with_mqa", **kw)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, param_dtype=param_dtype)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), **kw)
-        self.o_proj = Linear(nh * cfg.v_head_dim, h, **kw)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                name=f"{prefix}.kv_b_proj", **kw)
+        self.o_proj = Linear(nh * cfg.v_head_dim, h, name=f"{prefix}.o_proj", **kw)
 
     # ---- pieces --------------------------------------------------------
     def query(self, x, cos, sin):

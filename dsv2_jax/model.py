@@ -43,13 +43,14 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: DeepseekV2Config, layer: int, *, rngs, param_dtype, dtype, quant=None):
         self.is_moe = cfg.is_moe_layer(layer)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
+        prefix = f"model.layers.{layer}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = MLA(cfg, **kw)
+        self.self_attn = MLA(cfg, prefix=f"{prefix}.self_attn", **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if self.is_moe:
-            self.mlp = MoE(cfg, **kw)
+            self.mlp = MoE(cfg, prefix=f"{prefix}.mlp", **kw)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, **kw)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, prefix=f"{prefix}.mlp", **kw)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, absorbed=False):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, absorbed)
@@ -72,18 +73,16 @@ class DeepseekV2(nnx.Module):
         param_dtype = as_dtype(param_dtype)
         dtype = as_dtype(dtype, default=param_dtype)
         self.dtype = dtype
-        quant = cfg.quantization
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([
-            DecoderLayer(cfg, i, quant=_layer_quant(cfg, i), **kw)
+            DecoderLayer(cfg, i, quant=cfg.quantization, **kw)
             for i in range(cfg.num_hidden_layers)
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         # lm_head stays unquantized (AutoAWQ never converts it); the last matmul runs in
         # the compute dtype and the logits are returned in float32.
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, **kw)
-        del quant
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None) -> jax.Array:
@@ -149,15 +148,3 @@ def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None) -> jax.
     if attention_mask is not None:
         mask = mask & jnp.asarray(attention_mask, bool)[:, None, :]
     return mask
-
-
-def _layer_quant(cfg: DeepseekV2Config, layer: int):
-    q = cfg.quantization
-    if q is None:
-        return None
-    prefix = f"model.layers.{layer}"
-    for skip in q.modules_to_not_convert:
-        # AutoAWQ matches by substring of the module name
-        if skip and (skip in prefix or prefix.endswith(skip)):
-            return None
-    return q

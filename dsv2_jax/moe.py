@@ -149,11 +149,12 @@ def dispatch_experts(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
 
-    def __init__(self, hidden: int, intermediate: int, *, rngs, param_dtype, dtype, quant=None):
+    def __init__(self, hidden: int, intermediate: int, *, rngs, param_dtype, dtype, quant=None,
+                 prefix: str = "mlp"):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
-        self.gate_proj = Linear(hidden, intermediate, **kw)
-        self.up_proj = Linear(hidden, intermediate, **kw)
-        self.down_proj = Linear(intermediate, hidden, **kw)
+        self.gate_proj = Linear(hidden, intermediate, name=f"{prefix}.gate_proj", **kw)
+        self.up_proj = Linear(hidden, intermediate, name=f"{prefix}.up_proj", **kw)
+        self.down_proj = Linear(intermediate, hidden, name=f"{prefix}.down_proj", **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -171,19 +172,22 @@ class Router(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: DeepseekV2Config, *, rngs, param_dtype, dtype, quant=None):
+    def __init__(self, cfg: DeepseekV2Config, *, rngs, param_dtype, dtype, quant=None,
+                 prefix: str = "mlp"):
         self.cfg = cfg
         self.dtype = dtype
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.gate = Router(h, e, rngs=rngs)
         kw = dict(rngs=rngs, param_dtype=param_dtype, quant=quant)
-        self.experts_gate_proj = ExpertWeights(e, h, i, **kw)
-        self.experts_up_proj = ExpertWeights(e, h, i, **kw)
-        self.experts_down_proj = ExpertWeights(e, i, h, **kw)
+        # AutoAWQ names them mlp.experts.N.gate_proj; a skip entry matching that skips all N.
+        self.experts_gate_proj = ExpertWeights(e, h, i, name=f"{prefix}.experts.0.gate_proj", **kw)
+        self.experts_up_proj = ExpertWeights(e, h, i, name=f"{prefix}.experts.0.up_proj", **kw)
+        self.experts_down_proj = ExpertWeights(e, i, h, name=f"{prefix}.experts.0.down_proj", **kw)
         self.has_shared = bool(cfg.n_shared_experts)
         if self.has_shared:
             self.shared_experts = MLP(h, i * cfg.n_shared_experts, rngs=rngs,
-                                      param_dtype=param_dtype, dtype=dtype, quant=quant)
+                                      param_dtype=param_dtype, dtype=dtype, quant=quant,
+                                      prefix=f"{prefix}.shared_experts")
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing]:
         shape = x.shape
