@@ -86,11 +86,16 @@ class Linear(nnx.Module):
             self.qweight, self.qzeros, self.scales = (
                 QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
 
-    def awq_weight(self):
+    def awq_weight(self, after=None):
+        """The packed weight; with ``after`` (an array), tied so it is unpacked only once
+        ``after`` exists: otherwise XLA may unpack every layer's weights up front and keep
+        them all alive at once."""
         from .quant.awq import AWQWeight
 
-        return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
-                         group_size=self.group_size, in_features=self.in_features,
+        arrays = (self.qweight[...], self.qzeros[...], self.scales[...])
+        if after is not None:
+            _, arrays = jax.lax.optimization_barrier((after, arrays))
+        return AWQWeight(*arrays, group_size=self.group_size, in_features=self.in_features,
                          out_features=self.out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -98,8 +103,29 @@ class Linear(nnx.Module):
         if self.quantized:
             from .quant.dispatch import awq_linear
 
-            return awq_linear(x, self.awq_weight()).astype(self.dtype)
-        return jnp.dot(x, self.weight[...].astype(self.dtype))
+            return awq_linear(x, self.awq_weight(after=x)).astype(self.dtype)
+        w = self.weight[...].astype(self.dtype)
+        if x.dtype != jnp.float32 and w.size * 4 > _CPU_UPCAST_LIMIT and jax.default_backend() == "cpu":
+            return _dot_in_column_chunks(x, w)
+        return jnp.dot(x, w)
+
+
+# XLA's CPU backend converts a bf16/fp16 dot's weight to float32 first: a full-size temporary
+# (800 MiB for V2-Lite's lm_head). Past this many bytes, multiply column chunks in turn.
+_CPU_UPCAST_LIMIT = 256 << 20
+
+
+def _dot_in_column_chunks(x: jax.Array, w: jax.Array) -> jax.Array:
+    n = w.shape[1]
+    chunk = next((c for c in (8192, 4096, 2048, 1024, 512, 256, 128) if n % c == 0), n)
+
+    def one(i):
+        # Tying w to the loop index keeps XLA from hoisting a float32 copy of all of w.
+        i, wi = jax.lax.optimization_barrier((i, w))
+        return jnp.dot(x, jax.lax.dynamic_slice_in_dim(wi, i * chunk, chunk, axis=1))
+
+    y = jax.lax.map(one, jnp.arange(n // chunk))  # [chunks, ..., chunk]
+    return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], n)
 
 
 class ExpertWeights(nnx.Module):

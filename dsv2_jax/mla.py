@@ -62,13 +62,13 @@ class MLA(nnx.Module):
         k_pe = apply_rope(ckv[..., cfg.kv_lora_rank:], cos, sin)
         return c_kv.astype(self.dtype), k_pe.astype(self.dtype)
 
-    def kv_b_weight(self) -> jax.Array:
+    def kv_b_weight(self, after=None) -> jax.Array:
         """kv_b_proj as [r, nh, nope + v] in the compute dtype (dequantized if AWQ)."""
         cfg = self.cfg
         if self.kv_b_proj.quantized:
             from .quant.awq import dequantize
 
-            w = dequantize(self.kv_b_proj.awq_weight(), jnp.float32)
+            w = dequantize(self.kv_b_proj.awq_weight(after=after), jnp.float32)
         else:
             w = self.kv_b_proj.weight[...]
         w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
@@ -105,7 +105,7 @@ class MLA(nnx.Module):
 
     def _materialised(self, q_nope, q_pe, c_kv, k_pe, mask):
         cfg = self.cfg
-        kv = jnp.einsum("bsr,rnd->bsnd", c_kv, self.kv_b_weight())  # [B, S, nh, 256]
+        kv = jnp.einsum("bsr,rnd->bsnd", c_kv, self.kv_b_weight(after=c_kv))  # [B, S, nh, 256]
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
         f32 = jnp.float32
         scores = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
@@ -115,7 +115,7 @@ class MLA(nnx.Module):
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         cfg = self.cfg
-        w = self.kv_b_weight()
+        w = self.kv_b_weight(after=q_nope)
         w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
         f32 = jnp.float32
         q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
