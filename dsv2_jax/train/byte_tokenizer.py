@@ -20,18 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
+from .bpe import BOS, CHAT_TEMPLATE, EOS  # DeepSeek-V2's special tokens and chat template
+
 VOCAB_SIZE = 258  # 256 bytes + BOS + EOS
-# DeepSeek-V2's template (tokenizer_config.json of the released checkpoints), verbatim.
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
-    "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 
 def _bytes_to_unicode() -> list[str]:

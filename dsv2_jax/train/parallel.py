@@ -2,10 +2,13 @@
 
 Today: pure data parallelism. The mesh has a ``data`` axis over all devices; batches are split
 along their sequence axis over ``data``; parameters and optimizer state are replicated, and
-XLA all-reduces the gradients. Expert-parallel and FSDP layouts plug in at
-:func:`param_shardings`, the one function that decides where each parameter lives: return a
-``NamedSharding`` per parameter from ``dsv2_jax.sharding``'s logical-axis rules instead of the
-replicated one, and the optimizer state (which mirrors the params) and the train step follow.
+XLA all-reduces the gradients. Expert-parallel and FSDP layouts plug in here and nowhere else:
+:func:`make_mesh` grows the ``fsdp`` / ``expert`` axes, and :func:`param_shardings` /
+:func:`state_shardings` return a ``NamedSharding`` per leaf from ``dsv2_jax.sharding``'s
+logical-axis rules (``tree_shardings``: AdamW moments follow their parameters) instead of the
+replicated one; the jitted step then runs on sharded state unchanged (the MoE layers also need
+``set_expert_mesh`` on the model before it is split). ``mesh.expert`` / ``mesh.fsdp`` > 1 are
+refused by the config until then.
 
 Example::
 
@@ -49,9 +52,10 @@ def state_shardings(state, mesh: Mesh):
     return jax.tree.map(lambda _: replicated, state)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[A, B, T] micro-batched arrays: B (sequences) split over the data axis."""
-    return NamedSharding(mesh, P(None, DATA, None))
+def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+    """Batches of sequences: the sequence axis (second to last; [A, B, T] micro-batched or
+    [B, T]) split over the data axis."""
+    return NamedSharding(mesh, P(*([None] * (ndim - 2)), DATA, None))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -61,8 +65,8 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     keep everything); multi-host input pipelines that read only their share can pass those
     rows to ``jax.make_array_from_process_local_data`` directly.
     """
-    sharding = batch_sharding(mesh)
     out = {}
     for k, v in batch.items():
+        sharding = batch_sharding(mesh, v.ndim)
         out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
     return out

@@ -35,9 +35,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segments", "positions")
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -110,8 +107,12 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
     Gradients of the A micro-batches are summed in float32 (``lax.scan``), then clipped and
     applied once. Metrics (float32): loss, ce, balance_loss, grad_norm, lr (of this update),
     tokens (targets in the loss), expert_load [n_moe_layers, E] (fraction of tokens routed to
-    each expert, averaged over micro-batches). ``nan_at_step`` (1-based) poisons that step's
-    loss, to test the NaN guard.
+    each expert, averaged over micro-batches). ``nan_at_step`` (1-based) makes that step's loss
+    and gradients NaN, to test the NaN guard.
+
+    The batch is a dict of [A, B, T] arrays (``dsv2_jax.train.data.pack_rows`` gives [B, T]):
+    inputs, targets, loss_mask, segments (document number within the row), positions. The
+    balance loss treats each packed row as one sequence (DESIGN.md §2's T is the row length).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -119,14 +120,14 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
     def step(state: TrainState, batch: dict[str, jax.Array]):
         accum = batch["inputs"].shape[0]
         n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        poison = jnp.float32(0.0)
-        if nan_at_step is not None:
-            poison = jnp.where(state.step + 1 == nan_at_step, jnp.float32(jnp.nan), 0.0)
+        scale = jnp.float32(1.0)
+        if nan_at_step is not None:  # NaN times the loss: the loss and every gradient are NaN
+            scale = jnp.where(state.step + 1 == nan_at_step, jnp.float32(jnp.nan), 1.0)
 
         def loss_fn(params, mb):
             model = nnx.merge(graphdef, params, rest)
             loss, aux = _micro_loss(model, config, mb, n_total, accum, remat, document_mask)
-            return loss + poison, aux
+            return loss * scale, aux
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -150,7 +151,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
             "loss": loss,
             "ce": ce_sum / n_total,
             "balance_loss": bal / accum,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": n_total,
             "expert_load": loads / accum,

@@ -1,0 +1,173 @@
+"""From a validated TrainConfig to the things a run needs: the model config, the tokenizer,
+the initial parameters. Every failure is a ConfigError naming the key responsible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainConfig, _bad
+
+RUN_MODEL_CONFIG = "model_config.json"  # the model's hub config.json, in every run directory
+TOKENIZER_DIR = "tokenizer"  # the tokenizer files, copied into every run directory
+TRAINING_ONLY_KEYS = ("aux_loss_alpha", "seq_aux")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / RUN_MODEL_CONFIG).is_file() and (p / "checkpoints").is_dir()
+
+
+def _apply_overrides(make, overrides: dict[str, Any], source: str):
+    from dsv2_jax.config import ConfigError as ModelConfigError, DeepseekV2Config, RopeScaling
+
+    fields = {f.name for f in dataclasses.fields(DeepseekV2Config)}
+    kwargs = {}
+    for k, v in overrides.items():
+        key = f"model.overrides.{k}"
+        if k not in fields:
+            raise ConfigError(f"{key}: unknown DeepseekV2Config field")
+        if k == "rope_scaling" and v is not None:
+            if not isinstance(v, dict):
+                raise _bad(key, v, "expected null or a mapping of YaRN settings")
+            try:
+                v = RopeScaling(**v)
+            except TypeError as e:
+                raise _bad(key, v, str(e)) from None
+        if k == "quantization":
+            raise _bad(key, v, "training runs on dense weights; quantize at export (--awq)")
+        kwargs[k] = v
+    try:
+        cfg = make(**kwargs)
+        cfg.validate(source)
+    except TypeError as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+    except ModelConfigError as e:
+        msg = str(e).removeprefix(f"{source}: ")
+        raise ConfigError(f"model.overrides.{msg}") from None
+    return cfg
+
+
+def model_config(cfg: TrainConfig):
+    """(DeepseekV2Config, folder of the starting checkpoint or None)."""
+    from dsv2_jax.config import ConfigError as ModelConfigError, DeepseekV2Config
+
+    m = cfg.model
+    if m.preset is not None:
+        make = DeepseekV2Config.v2_lite if m.preset == "deepseek-v2-lite" else DeepseekV2Config.v2
+        return _apply_overrides(make, m.overrides, f"model.preset {m.preset}"), None
+    if m.config_json is not None:
+        try:
+            base = DeepseekV2Config.from_json(m.config_json)
+        except FileNotFoundError:
+            raise _bad("model.config_json", m.config_json, "file not found") from None
+        except ModelConfigError as e:
+            raise ConfigError(f"model.config_json: {e}") from None
+        return _apply_overrides(lambda **kw: dataclasses.replace(base, **kw), m.overrides,
+                                m.config_json), None
+    # init_from: a project run directory or a Hugging Face folder / repo id
+    if is_run_dir(m.init_from):
+        folder = Path(m.init_from)
+        d = json.loads((folder / RUN_MODEL_CONFIG).read_text())
+    else:
+        from dsv2_jax.hub import HubError, resolve_model_path
+
+        try:
+            folder = resolve_model_path(m.init_from)
+        except (HubError, FileNotFoundError, NotADirectoryError) as e:
+            raise ConfigError(f"model.init_from: {e}") from None
+        try:
+            d = json.loads((folder / "config.json").read_text())
+        except FileNotFoundError:
+            raise _bad("model.init_from", m.init_from, f"{folder} has no config.json") from None
+    try:
+        base = DeepseekV2Config.from_dict(d, source=str(folder))
+    except ModelConfigError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    if base.quantization is not None:
+        raise _bad("model.init_from", m.init_from,
+                   "is an AWQ-quantized checkpoint; training needs dense weights")
+    try:
+        return base.replace(**m.overrides), folder
+    except ModelConfigError as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+
+
+def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path):
+    """Copy (or write) the run's tokenizer into RUN_DIR/tokenizer and load it from there."""
+    from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder, load_tokenizer
+    from dsv2_jax.train.byte_tokenizer import write_byte_tokenizer
+
+    spec = cfg.data.tokenizer
+    target = run_dir / TOKENIZER_DIR
+    try:
+        if spec == "bytes":
+            write_byte_tokenizer(target)
+        else:
+            if spec == "deepseek-v2":
+                source = deepseek_v2_tokenizer_folder()
+            elif spec is not None:
+                source = Path(spec)
+            elif init_folder is not None:
+                source = init_folder / TOKENIZER_DIR if is_run_dir(init_folder) else init_folder
+                if not (source / "tokenizer.json").is_file():
+                    source = deepseek_v2_tokenizer_folder()
+            else:
+                source = deepseek_v2_tokenizer_folder()
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if not (source / name).is_file():
+                    raise FileNotFoundError(f"{source} has no {name}")
+                if (source / name).resolve() != (target / name).resolve():
+                    shutil.copy(source / name, target / name)
+        return load_tokenizer(target)
+    except (FileNotFoundError, ValueError) as e:
+        raise _bad("data.tokenizer", spec, str(e)) from None
+
+
+def check_model_against_data(cfg: TrainConfig, model_cfg, tok, fresh: bool):
+    """Tokenizer ids must fit the embedding; sequences must fit the position range. For a
+    fresh model the BOS/EOS ids of the exported config.json follow the tokenizer."""
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise _bad("data.tokenizer", cfg.data.tokenizer,
+                   f"has {tok.vocab_size} tokens, more than the model's vocab_size "
+                   f"{model_cfg.vocab_size}")
+    if cfg.data.seq_len > model_cfg.max_position_embeddings:
+        raise _bad("data.seq_len", cfg.data.seq_len,
+                   f"longer than the model's max_position_embeddings "
+                   f"({model_cfg.max_position_embeddings})")
+    if fresh:
+        model_cfg = dataclasses.replace(model_cfg, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    return model_cfg
+
+
+def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None):
+    """The model with its initial parameters (float32 master weights by default)."""
+    from flax import nnx
+
+    from dsv2_jax import DeepseekV2
+
+    p = cfg.precision
+    if init_folder is None:
+        return DeepseekV2(model_cfg, rngs=nnx.Rngs(cfg.seed), param_dtype=p.param_dtype,
+                          dtype=p.compute_dtype)
+    if is_run_dir(init_folder):
+        from .checkpoints import restore_params
+
+        model = nnx.eval_shape(lambda: DeepseekV2(model_cfg, rngs=nnx.Rngs(0),
+                                                  param_dtype=p.param_dtype, dtype=p.compute_dtype))
+        graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+        params, step = restore_params(Path(init_folder) / "checkpoints", abstract)
+        print(f"init_from: {init_folder} step {step}")
+        return nnx.merge(graphdef, params, rest)
+    import dsv2_jax
+
+    model = dsv2_jax.load(init_folder, dtype=p.param_dtype, compute_dtype=p.compute_dtype,
+                          load_tokenizer=False)
+    model.config = model_cfg  # aux_loss_alpha / seq_aux overrides; shapes are unchanged
+    del model.tokenizer
+    return model

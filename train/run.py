@@ -1,0 +1,292 @@
+"""Train or fine-tune DeepSeek-V2(-Lite): ``python -m train.run --config configs/NAME.yaml``.
+
+    python -m train.run --config configs/tiny-cpu.yaml
+    python -m train.run --config configs/tiny-cpu.yaml schedule.total_steps=50 run_dir=runs/t2
+    python -m train.run --config configs/tiny-cpu.yaml --resume
+
+``section.key=value`` arguments override the YAML (values are read as YAML). A run directory
+holds config.yaml, model_config.json, tokenizer/, checkpoints/, metrics.jsonl and tb/; when it
+already has checkpoints the run resumes from the latest one (``--resume`` insists on it).
+Exit status: 0 done, 2 bad config / data (one line on stderr, before anything is compiled),
+3 the loss became NaN or Inf (the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, TrainConfig, check_data_axis, load_config
+
+RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision")
+
+
+class Diverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything a loop or a benchmark needs to run steps."""
+
+    model_cfg: Any
+    mesh: Any
+    graphdef: Any
+    rest: Any
+    schedule: Any
+    tx: Any
+    state: Any  # TrainState on the mesh
+    step_fn: Any  # jitted (state, batch) -> (state, metrics); donates state
+    eval_fn: Any
+    accum: int
+
+    def micro_batched(self, batch: dict) -> dict:
+        """[G, T] host arrays -> [A, G/A, T]."""
+        return {k: v.reshape(self.accum, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def make_training(cfg: TrainConfig, model, mesh) -> Training:
+    """Split the model, build optimizer, state (placed on the mesh) and the jitted steps."""
+    import jax
+    from flax import nnx
+
+    from dsv2_jax.train import lr_schedule, make_optimizer
+    from dsv2_jax.train.parallel import param_shardings, state_shardings
+    from dsv2_jax.train.step import init_state, make_eval_step, make_train_step
+
+    s, o = cfg.schedule, cfg.optimizer
+    schedule = lr_schedule(s.peak_lr, s.warmup_steps, cfg.total_steps,
+                           decay_points=s.decay_points, decay_factor=s.decay_factor)
+    tx = make_optimizer(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                        clip_norm=o.clip_norm, eps=o.eps)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(params, param_shardings(params, mesh))
+    state = init_state(params, tx, cfg.seed)
+    state = jax.device_put(state, state_shardings(state, mesh))
+    step = make_train_step(graphdef, rest, tx, schedule, model.config, remat=cfg.remat.policy,
+                           document_mask=cfg.data.document_mask, nan_at_step=cfg.debug.nan_at_step)
+    evaluate = make_eval_step(graphdef, rest, document_mask=cfg.data.document_mask)
+    accum = cfg.batch.accum_steps(mesh.size)
+    return Training(model.config, mesh, graphdef, rest, schedule, tx, state,
+                    jax.jit(step, donate_argnums=0), jax.jit(evaluate), accum)
+
+
+# ---------------------------------------------------------------------------
+
+
+def _diff(a: Any, b: Any, prefix: str) -> str | None:
+    """The first key where two plain config trees differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix} = {b!r} (the run being resumed has {a!r})"
+
+
+def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    now = cfg.to_dict()
+    for section in RESUME_MUST_MATCH:
+        d = _diff(saved.get(section), now.get(section), section)
+        if d:
+            raise ConfigError(f"{d}: cannot resume {run_dir} with a different {section} "
+                              f"section; use a new run_dir")
+
+
+def _is_finite(*xs) -> bool:
+    return all(math.isfinite(float(x)) for x in xs)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the training described by ``cfg``; returns a small summary dict."""
+    import jax
+    import numpy as np
+
+    from dsv2_jax.train.data import Batches, load_corpus, heldout_batches
+    from dsv2_jax.train.flops import param_counts
+    from dsv2_jax.train.parallel import make_mesh, put_batch
+
+    from . import build
+    from .checkpoints import Checkpoints
+    from .metrics import MetricsLogger, truncate_after
+
+    if cfg.precision.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", cfg.precision.matmul_precision)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if resume and not has_ckpt:
+        raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
+    if has_ckpt:
+        _check_resumable(cfg, run_dir)
+
+    # ---- everything that can be wrong with the config or the data, before compiling ----
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg, init_folder = build.model_config(cfg)
+    tok = build.prepare_tokenizer(cfg, init_folder, run_dir)
+    model_cfg = build.check_model_against_data(cfg, model_cfg, tok, fresh=init_folder is None)
+    d = cfg.data
+    corpus = load_corpus(d.train, tok, fmt=d.format, heldout_fraction=d.heldout_fraction,
+                         text_key=d.text_key, messages_key=d.messages_key,
+                         vocab_size=model_cfg.vocab_size)
+    batches = Batches(corpus.train, d.seq_len, cfg.batch.global_batch, cfg.seed, d.shuffle,
+                      name="data.train")
+    try:
+        mesh = make_mesh(cfg.mesh.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_data_axis(cfg, mesh.size)
+    eval_batches = []
+    if cfg.eval.every:
+        eval_batches = heldout_batches(corpus.heldout, d.seq_len, cfg.batch.micro_batch * mesh.size,
+                                       cfg.eval.batches)
+        if not eval_batches:
+            raise ConfigError(f"data.heldout_fraction = {d.heldout_fraction}: the held-out text "
+                              f"({len(corpus.heldout)} tokens) is shorter than one eval batch")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / build.RUN_MODEL_CONFIG).write_text(json.dumps(model_cfg.to_dict(), indent=1))
+
+    # ---- build, restore, compile ----
+    total = cfg.total_steps
+    init = None if has_ckpt else init_folder  # a resumed run's weights come from its checkpoint
+    model = build.build_model(cfg, model_cfg, init)
+    t = make_training(cfg, model, mesh)
+    del model
+    ckpts = Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    state = t.state
+    start = 0
+    if has_ckpt:
+        start = ckpts.latest_step()
+        state, data_state = ckpts.restore(start, state)
+        batches.restore(data_state)
+        print(f"resumed from {ckpt_dir / str(start)} (step {start} of {total})", file=sys.stderr)
+    truncate_after(run_dir, start)
+    counts = param_counts(model_cfg)
+    tokens_per_step = cfg.tokens_per_step
+    print(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
+          f"per token; {corpus.n_documents} documents, {len(corpus.train)} training tokens; "
+          f"{tokens_per_step} tokens/step = {t.accum} x {cfg.batch.micro_batch} x {mesh.size} "
+          f"device(s) x {d.seq_len}; {total} steps", file=sys.stderr)
+
+    if start >= total:
+        print(f"{run_dir}: already trained to step {start}; nothing to do", file=sys.stderr)
+        ckpts.close()
+        return {"start_step": start, "last_step": start}
+
+    def next_batch():
+        host = batches.next()
+        return put_batch(t.micro_batched(host), mesh), batches.state()
+
+    batch, data_state = next_batch()
+    t0 = time.perf_counter()
+    step_fn = t.step_fn.lower(state, batch).compile()
+    print(f"compiled the train step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    log = MetricsLogger(run_dir, total_steps=total, start_step=start,
+                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    moe_layers = [i for i in range(model_cfg.num_hidden_layers) if model_cfg.is_moe_layer(i)]
+    last_saved = ckpts.latest_step()
+    window_t, window_n = 0.0, 0
+    first_loss = last_loss = None
+    try:
+        for s in range(start + 1, total + 1):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            if s < total:  # prepare the next batch while the device works
+                nxt = next_batch()
+            m = jax.device_get(metrics)
+            dt = time.perf_counter() - t0
+            if not _is_finite(m["loss"], m["grad_norm"]):
+                where = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}"
+                         if last_saved is not None else "no checkpoint was saved before it")
+                raise Diverged(f"step {s}: loss is {float(m['loss'])} (grad norm "
+                               f"{float(m['grad_norm'])}); training stopped, {where}")
+            window_t += dt
+            window_n += 1
+            loss = float(m["loss"])
+            first_loss = loss if first_loss is None else first_loss
+            last_loss = loss
+            log.advance()
+            if s % cfg.logging.every == 0 or s == total or s == start + 1:
+                load = np.asarray(m["expert_load"])
+                log.write({
+                    "step": s, "loss": loss, "ce": float(m["ce"]),
+                    "balance_loss": float(m["balance_loss"]), "lr": float(m["lr"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens_per_s": tokens_per_step * window_n / window_t,
+                    "step_time_s": window_t / window_n, "target_tokens": int(m["tokens"]),
+                    "expert_load_max": {str(i): float(x) for i, x in zip(moe_layers, load.max(-1))},
+                    "expert_load_min": {str(i): float(x) for i, x in zip(moe_layers, load.min(-1))},
+                })
+                window_t, window_n = 0.0, 0
+            if cfg.eval.every and (s % cfg.eval.every == 0 or s == total):
+                ce_sum = n = 0.0
+                for eb in eval_batches:
+                    c, k = t.eval_fn(state.params, put_batch(eb, mesh))
+                    ce_sum, n = ce_sum + float(c), n + float(k)
+                log.write({"step": s, "eval_loss": ce_sum / max(n, 1.0), "eval_tokens": int(n)})
+            if s % cfg.checkpoint.every == 0 or s == total:
+                ckpts.save(state, data_state)
+                last_saved = s
+            if s < total:
+                batch, data_state = nxt
+            if cfg.debug.step_sleep_s:
+                time.sleep(cfg.debug.step_sleep_s)
+    finally:
+        log.close()
+        ckpts.wait()
+        ckpts.close()
+    return {"start_step": start, "last_step": total, "first_loss": first_loss,
+            "last_loss": last_loss}
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a config value, e.g. schedule.total_steps=100")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the run directory's latest checkpoint (an error if none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dsv2_jax.checkpoint import CheckpointError
+    from dsv2_jax.config import ConfigError as ModelConfigError
+    from dsv2_jax.train.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = train(cfg, resume=args.resume)
+    except (ConfigError, ModelConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if summary.get("first_loss") is not None:
+        print(f"done: steps {summary['start_step'] + 1}..{summary['last_step']}, loss "
+              f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; run directory "
+              f"{cfg.run_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
