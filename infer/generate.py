@@ -12,11 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-
-def demo_model_folder() -> Path:
-    return Path(__file__).resolve().parent.parent / "dsv2_jax" / "demo"
 
 
 def parse_args(argv=None):
@@ -66,9 +61,12 @@ def run(args) -> int:
         from dsv2_jax.distributed import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id)
-    model_path = args.model or demo_model_folder()
-    if args.model is None and not (Path(model_path) / "config.json").exists():
-        raise FileNotFoundError(f"the bundled demo model is missing at {model_path}; pass --model")
+    if args.model is None:
+        from dsv2_jax.demo import demo_model_path
+
+        model_path = demo_model_path()
+    else:
+        model_path = args.model
     model = dsv2_jax.load(model_path, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
