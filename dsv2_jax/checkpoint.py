@@ -109,12 +109,19 @@ def _open(path: Path, safe_open):
 
 
 def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None,
-         load_tokenizer: bool = True) -> DeepseekV2:
+         load_tokenizer: bool = True, mesh=None) -> DeepseekV2:
     """Load a DeepSeek-V2(-Lite) checkpoint from a folder or a hub repo id.
 
     ``dtype`` is the parameter dtype ("float32", "bfloat16", "float16" or a jnp dtype);
     ``compute_dtype`` defaults to it. The router stays float32 and AWQ weights stay packed.
     When the folder holds tokenizer files, ``model.tokenizer`` is set.
+
+    With ``mesh`` (``dsv2_jax.sharding.make_mesh``) every parameter goes straight into its
+    sharding under ``dsv2_jax.sharding.RULES`` (where ``shard_model`` would put it) and the MoE
+    layers dispatch across the mesh's ``expert`` axis. Each process reads only the routed
+    experts its own devices hold and puts only its own shards on its devices, so a model
+    larger than one device (or than one host's share) loads. In a multi-process run every
+    process calls ``load`` with the same arguments.
 
     Example::
 
@@ -156,6 +163,15 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     buffers: dict[tuple, np.ndarray] = {}
     filled: dict[tuple, int] = {}
     values: dict[tuple, jax.Array] = {}
+    shardings = _shardings(state, mesh) if mesh is not None else {}
+    # Stacked experts: the expert indices held by this process's devices (all without a mesh).
+    needed = {path: _needed_experts(flat[path].get_value().shape, shardings.get(path))
+              for path, _, stacked in table.values() if stacked}
+
+    def to_device(path, host):
+        if path not in shardings:
+            return jnp.asarray(host)
+        return jax.make_array_from_callback(host.shape, shardings[path], lambda idx: host[idx])
 
     def put(path, array, e=None, file=None, tensor=None, transpose=False):
         var = flat[path]
@@ -166,16 +182,19 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
                 raise CheckpointError(
                     f"{file}: tensor {tensor!r} has shape {list(array.shape)}, expected {list(hub_shape)}")
             arr = array.T if transpose else array
-            values[path] = jnp.asarray(np.asarray(arr).astype(want.dtype))
+            values[path] = to_device(path, np.asarray(arr).astype(want.dtype))
+            return
+        if e not in needed[path]:
             return
         buf = buffers.get(path)
         if buf is None:
+            # np.empty: pages of experts this process never writes are never touched.
             buf = buffers[path] = np.empty(want.shape, want.dtype)
             filled[path] = 0
         buf[e] = array.T if transpose else array
         filled[path] += 1
-        if filled[path] == want.shape[0]:
-            values[path] = jnp.asarray(buffers.pop(path))
+        if filled[path] == len(needed[path]):
+            values[path] = to_device(path, buffers.pop(path))
 
     by_file: dict[str, list[str]] = {}
     for k, f in weight_map.items():
@@ -187,6 +206,9 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
             for k in names:
                 if k not in present:
                     raise CheckpointError(f"{fpath}: tensor {k!r} is listed in the index but not in the file")
+                name, e = expected.get(k, (None, None))
+                if name is not None and table[name][2] and e not in needed[table[name][0]]:
+                    continue  # an expert held by another process's devices: not even read
                 try:
                     array = f.get_tensor(k)
                 except Exception as err:
@@ -194,7 +216,6 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
                 if (m := _FUSED.match(k)):
                     _put_fused(cfg, table, put, m, array, fpath, k)
                     continue
-                name, e = expected[k]
                 path, transpose, stacked = table[name]
                 if stacked:
                     want = _hub_shape(flat[path].get_value().shape, transpose, True)
@@ -209,12 +230,35 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     for path, var in nnx.to_flat_state(state):
         var.set_value(values[path])
     model = nnx.merge(graphdef, state)
+    if mesh is not None:
+        from .sharding import set_expert_mesh
+
+        set_expert_mesh(model, mesh)
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
         from .tokenizer import load_tokenizer as _load_tok
 
         model.tokenizer = _load_tok(folder)
     return model
+
+
+def _shardings(state, mesh) -> dict[tuple, jax.sharding.Sharding]:
+    """State path -> NamedSharding under dsv2_jax.sharding's rules."""
+    from .sharding import sharding_for
+
+    return {path: sharding_for(path, var.get_value().shape, mesh)
+            for path, var in nnx.to_flat_state(state)}
+
+
+def _needed_experts(shape, sharding) -> set[int]:
+    """Indices along the expert axis of a stacked [E, ...] parameter that this process's
+    devices hold (every index without a sharding)."""
+    if sharding is None:
+        return set(range(shape[0]))
+    held = set()
+    for idx in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        held.update(range(*idx[0].indices(shape[0])))
+    return held
 
 
 def _put_fused(cfg, table, put, m, array, fpath, k):

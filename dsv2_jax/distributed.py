@@ -1,12 +1,22 @@
 """Multi-process runs on JAX's own multi-controller runtime (``jax.distributed``).
 
 Every process runs the same program; one of them also hosts the coordinator. On CPU the
-collectives go through gloo, so two processes on one machine behave like two hosts.
+collectives go through gloo, so two processes on one machine behave like two hosts. After
+``initialize``, ``jax.devices()`` lists the devices of every process, so a mesh from
+``dsv2_jax.sharding.make_mesh`` spans them all: ``dsv2_jax.load(..., mesh=mesh)`` then has each
+process read and hold only its own experts and shards, and every jitted call (forward,
+``generate``, a train step) runs across the processes.
 
 Example (two processes on this machine, one terminal each)::
 
     python -m infer.generate --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 0
     python -m infer.generate --coordinator 127.0.0.1:12355 --num-processes 2 --process-id 1
+
+or from Python, in each process::
+
+    from dsv2_jax import distributed, sharding
+    distributed.initialize("127.0.0.1:12355", num_processes=2, process_id=RANK)
+    model = dsv2_jax.load(path, mesh=sharding.make_mesh(expert=jax.device_count()))
 """
 
 from __future__ import annotations

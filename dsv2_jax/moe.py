@@ -5,6 +5,34 @@ Routing is a pure function in float32 (DESIGN.md §2). Routed experts are stored
 expert's weights; many pairs are sorted by expert and run one grouped matmul per projection
 (tiles of one expert each on CPU, ``ragged_dot`` or the AWQ grouped Pallas kernel on GPU),
 then scattered back weighted by the router probabilities.
+
+Expert parallelism (:func:`dispatch_experts_parallel`): when the model was placed on a mesh
+whose ``expert`` axis has size P > 1 (``dsv2_jax.load(..., mesh=)``, ``sharding.shard_model``
+or ``sharding.create_sharded`` set ``MoE.expert_mesh``), each device holds E/P experts and the
+dispatch runs inside ``jax.shard_map``; otherwise the single-device path above runs. The
+design is *replicated tokens + local sort + local grouped matmul + reduce*:
+
+1. the tokens of one expert group (the P devices along ``expert``) are all-gathered, so every
+   device sees all N tokens of the group and their routing (computed before, outside);
+2. each device keeps the (token, expert) pairs whose expert it holds, sorts them by expert
+   and runs the same grouped matmul as one device does, over its E/P experts only; pairs
+   of other devices sort to the end and are never multiplied;
+3. the weighted partial sums are reduce-scattered back (each device keeps the rows of its
+   own tokens). When no mesh axis divides N (decode of a few rows) the tokens are already
+   replicated: there is no all-gather and the last step is a psum (an all-reduce).
+
+Communication per MoE layer and device, for N tokens of hidden size H in the group and b
+bytes per value: the all-gather receives (P-1)/P·N·H·b and the reduce-scatter sends as much,
+2·(P-1)/P·N·H·b in all (one all-reduce's worth; the psum case costs the same), whatever the
+top-k K. An all-to-all dispatch sends each of the device's N/P tokens to its K experts and
+back, 2·(P-1)/P·(N/P)·K·H·b: K/P times the gathered cost, so it moves fewer bytes only once
+P > K (K = 6 for V2-Lite), and it needs capacity buffers (dropping tokens) or dynamic shapes.
+The gathered design is dropless with static shapes: the local buffer has room for all N·K
+pairs and the grouped matmul skips the rows of other devices, so per device the tiled CPU
+matmul computes its own pairs plus at most one partial tile per local expert (the few-pairs
+decode path gathers weights for all N·K <= 64 pairs and zeroes the others' weights). Weights
+never move: the only collectives on expert weights are the gradient all-reduce over ``data``
+and the FSDP all-gather of the local E/P experts over ``fsdp`` (never the full [E, in, out]).
 """
 
 from __future__ import annotations
@@ -14,9 +42,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from .config import DeepseekV2Config
 from .layers import ExpertWeights, Linear
+from .sharding import EXPERT, axis_size, batch_spec
 
 
 @dataclasses.dataclass
@@ -77,6 +107,19 @@ def _gathered_matmul(x, w, expert):
     return jnp.einsum("mk,mkn->mn", x, wsel)
 
 
+def _zeros_like_varying(shape, dtype, *like):
+    """Zeros that vary over the same shard_map axes as ``like`` (a no-op outside shard_map),
+    so that both branches of a ``cond`` have one type."""
+    def varying(a):
+        t = jax.typeof(a)
+        mat = getattr(t, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
+        return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+    vma = frozenset().union(*(varying(a) for a in jax.tree.leaves(like)))
+    z = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
 def _tiled_grouped_matmul(x, w, group_sizes):
     """Rows sorted by expert, cut into tiles of one expert each; empty tiles are skipped.
 
@@ -104,7 +147,8 @@ def _tiled_grouped_matmul(x, w, group_sizes):
             xw = jax.lax.dynamic_slice_in_dim(x_pad, start, tile)
             return jnp.dot(xw, _expert_weight(w, ex, x.dtype))
 
-        y = jax.lax.cond(i < tile_end[-1], compute, lambda _: jnp.zeros((tile, n), x.dtype), None)
+        skip = lambda _: _zeros_like_varying((tile, n), x.dtype, x, w)  # noqa: E731
+        y = jax.lax.cond(i < tile_end[-1], compute, skip, None)
         return y, jnp.where(valid, rows, m)
 
     ys, rows = jax.lax.map(one, jnp.arange(n_tiles))
@@ -127,23 +171,85 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
 def dispatch_experts(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
                      n_experts: int) -> jax.Array:
     """Dropless routed-expert FFN for x [N, H]: sum_k weight_k * expert_k(x)."""
-    n, k = routing.topk_idx.shape
-    flat_expert = routing.topk_idx.reshape(-1)  # [N*K]
+    return _dispatch(x, routing.topk_idx, routing.topk_weight, w_gate, w_up, w_down, n_experts)
+
+
+def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=None):
+    """The routed FFN over the experts of ``w_*`` ([n_experts, ...]).
+
+    ``valid`` [N, K] (expert parallelism) marks the pairs whose expert is held here; the
+    others get weight 0, and in the sorted path sort after every held expert's rows, where
+    the grouped matmul leaves them zero without computing them.
+    """
+    n, k = topk_idx.shape
+    flat_expert = topk_idx.reshape(-1)  # [N*K]
+    flat_weight = topk_weight.reshape(-1)
+    if valid is not None:
+        flat_valid = valid.reshape(-1)
+        flat_expert = jnp.where(flat_valid, flat_expert, n_experts)
+        flat_weight = jnp.where(flat_valid, flat_weight, 0.0)
     if n * k <= GATHER_MAX_ROWS:
+        flat_expert = jnp.minimum(flat_expert, n_experts - 1)
         xs = jnp.repeat(x, k, axis=0)  # [N*K, H], pair order
         h = jax.nn.silu(_gathered_matmul(xs, w_gate, flat_expert)) * _gathered_matmul(xs, w_up, flat_expert)
         y = _gathered_matmul(h, w_down, flat_expert)
-        y = y.astype(jnp.float32) * routing.topk_weight.reshape(-1)[:, None]
+        y = y.astype(jnp.float32) * flat_weight[:, None]
         return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
     order = jnp.argsort(flat_expert, stable=True)
     token_of = order // k
+    # Sentinel ids (== n_experts) fall outside bincount's length: they join no group.
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
     xs = jnp.take(x, token_of, axis=0)  # [N*K, H] rows grouped by expert
     h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
     y = grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
-    weight = jnp.take(routing.topk_weight.reshape(-1), order)[:, None]
+    weight = jnp.take(flat_weight, order)[:, None]
     y = (y.astype(jnp.float32) * weight).astype(x.dtype)
     return jnp.zeros_like(x).at[token_of].add(y)
+
+
+def _token_spec(mesh, n: int):
+    """How the N tokens enter the shard_map: split over the batch axes that divide N; and
+    whether those include ``expert`` (then each expert shard gathers the group's tokens)."""
+    spec = batch_spec(mesh, n)
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return spec, EXPERT in axes
+
+
+def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
+                              n_experts: int, mesh) -> jax.Array:
+    """:func:`dispatch_experts` with the experts split over ``mesh``'s ``expert`` axis.
+
+    Same result up to float summation order; see the module docstring for the design and its
+    communication. ``w_*`` are the full stacked weights (dense or AWQWeight), sharded or not:
+    ``shard_map`` hands each device its E/P experts.
+    """
+    ep = axis_size(mesh, EXPERT)
+    if n_experts % ep:
+        raise ValueError(f"expert parallelism: n_routed_experts = {n_experts} is not divisible by "
+                         f"the mesh's expert axis ({ep})")
+    e_local = n_experts // ep
+    tok, gather = _token_spec(mesh, x.shape[0])
+
+    def local(x, idx, weight, wg, wu, wd):
+        if gather:  # tokens arrive split over "expert" too: every expert shard needs all of them
+            x, idx, weight = (jax.lax.all_gather(a, EXPERT, axis=0, tiled=True) for a in (x, idx, weight))
+        here = idx - jax.lax.axis_index(EXPERT) * e_local  # [N, K] index among the local experts
+        valid = (here >= 0) & (here < e_local)
+        y = _dispatch(x, here, weight, wg, wu, wd, e_local, valid)
+        if gather:
+            return jax.lax.psum_scatter(y, EXPERT, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, EXPERT)
+
+    w_spec = P(EXPERT)  # a prefix: every leaf of an AWQWeight is stacked [E, ...] too
+    # The AWQ Pallas kernel (GPU) declares outputs without shard_map's varying-axes type, which
+    # the check rejects; that path runs unchecked (same results, possibly an extra collective
+    # in the backward pass, which AWQ weights never need).
+    quantized = not all(isinstance(w, jax.Array) for w in (w_gate, w_up, w_down))
+    pallas = quantized and jax.default_backend() == "gpu"
+    f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, w_spec),
+                      out_specs=tok, check_vma=not pallas)
+    return f(x, routing.topk_idx, routing.topk_weight, w_gate, w_up, w_down)
 
 
 class MLP(nnx.Module):
@@ -176,6 +282,9 @@ class MoE(nnx.Module):
                  prefix: str = "mlp"):
         self.cfg = cfg
         self.dtype = dtype
+        # The mesh whose "expert" axis (size > 1) splits the routed experts, set by
+        # dsv2_jax.sharding.shard_model / set_expert_mesh; None runs on one device.
+        self.expert_mesh = None
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.gate = Router(h, e, rngs=rngs)
         kw = dict(rngs=rngs, param_dtype=param_dtype, quant=quant)
@@ -193,11 +302,13 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
         routing = route(self.cfg, self.gate(flat))
-        y = dispatch_experts(
-            flat.astype(self.dtype), routing,
-            self.experts_gate_proj.stacked(), self.experts_up_proj.stacked(),
-            self.experts_down_proj.stacked(), self.cfg.n_routed_experts,
-        )
+        weights = (self.experts_gate_proj.stacked(), self.experts_up_proj.stacked(),
+                   self.experts_down_proj.stacked())
+        if self.expert_mesh is not None:
+            y = dispatch_experts_parallel(flat.astype(self.dtype), routing, *weights,
+                                          self.cfg.n_routed_experts, self.expert_mesh)
+        else:
+            y = dispatch_experts(flat.astype(self.dtype), routing, *weights, self.cfg.n_routed_experts)
         if self.has_shared:
             y = y + self.shared_experts(flat)
         return y.reshape(shape), routing

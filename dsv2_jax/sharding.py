@@ -1,0 +1,282 @@
+"""Where parameters, optimizer state and activations live on the device mesh.
+
+The mesh has three named axes, outermost first (``make_mesh``):
+
+- ``data``: plain data parallelism. Batches are split over it; parameters are replicated.
+- ``fsdp``: data parallelism with sharded parameters (ZeRO-3 / FSDP). Batches are split over it
+  too; every weight's ``embed`` (hidden-size) axis is split over it, and XLA gathers a weight
+  just before it is used.
+- ``expert``: expert parallelism. Each device holds ``n_routed_experts / expert`` routed
+  experts; batches are split over it as well outside the MoE layers, and the MoE dispatch
+  (:func:`dsv2_jax.moe.dispatch_experts_parallel`) brings the tokens to the experts.
+
+One table, :data:`RULES`, maps *logical* axes (what a tensor axis means: ``embed``, ``vocab``,
+``heads``, ``experts``, ...) to mesh axes; :data:`PARAM_AXES` names the logical axes of every
+parameter by the module that owns it. The same rules give the shardings of a model for
+inference, of a ``TrainState`` (optimizer moments mirror their parameters: any leaf whose path
+ends in a parameter's path gets the parameter's sharding), and of batches. A mesh axis that does
+not divide a dimension is dropped for that tensor (it stays replicated along it), so every
+config shards without padding.
+
+Example::
+
+    mesh = make_mesh(data=2, expert=4)            # 8 devices
+    model = shard_model(dsv2_jax.load(path, dtype="float32"), mesh)   # or load(path, mesh=mesh)
+    logits = model(ids)                            # MoE layers dispatch across "expert"
+    state_sh = tree_shardings(train_state, mesh)   # params and AdamW moments alike
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP, EXPERT = "data", "fsdp", "expert"
+MESH_AXES = (DATA, FSDP, EXPERT)
+
+# logical axis -> mesh axes it is split over (in order), or None (replicated).
+RULES: dict[str, tuple[str, ...] | None] = {
+    # activations
+    "batch": (DATA, FSDP, EXPERT),
+    "seq": None,
+    # parameters
+    "vocab": (FSDP,),
+    "embed": (FSDP,),
+    "heads": None,  # q/kv_b/o projections (heads × head_dim flattened)
+    "q_lora": None,
+    "kv_lora": None,
+    "mlp": None,  # dense FFN and shared-expert intermediate
+    "experts": (EXPERT,),
+    "expert_mlp": None,  # routed-expert intermediate
+    "router": None,  # the router's expert axis: every device routes every token
+    "norm": None,
+}
+
+# Logical axes of each parameter ([in, out] linears; stacked experts [E, in, out]), keyed by the
+# module that owns it. AWQ leaves (qweight [in, out/8], qzeros [in/G, out/8], scales [in/G, out])
+# keep the meaning of the axes they pack, so they use the same entry.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "q_proj": ("embed", "heads"),
+    "q_a_proj": ("embed", "q_lora"),
+    "q_b_proj": ("q_lora", "heads"),
+    "kv_a_proj_with_mqa": ("embed", "kv_lora"),
+    "kv_b_proj": ("kv_lora", "heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "gate": ("embed", "router"),
+    "experts_gate_proj": ("experts", "embed", "expert_mlp"),
+    "experts_up_proj": ("experts", "embed", "expert_mlp"),
+    "experts_down_proj": ("experts", "expert_mlp", "embed"),
+}
+_LEAVES = ("weight", "embedding", "qweight", "qzeros", "scales")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, *, devices=None) -> Mesh:
+    """A ``("data", "fsdp", "expert")`` mesh over all devices (of every process).
+
+    One size may be -1: it takes the devices left over. ``expert`` is the innermost axis, so
+    experts spread over the devices that talk fastest (those of one host first).
+
+    Example::
+
+        make_mesh(expert=8)            # data = 1 on 8 devices: pure expert parallelism
+        make_mesh(data=2, expert=4)    # 8 devices: 2 data-parallel groups of 4 expert shards
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
+    sizes = {DATA: data, FSDP: fsdp, EXPERT: expert}
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = [k for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)]
+    if bad or len(free) > 1:
+        raise ValueError(f"make_mesh: sizes {sizes}: expected positive integers, at most one -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n % known:
+            raise ValueError(f"make_mesh: {n} devices do not split into {sizes} ({known} does not divide {n})")
+        sizes[free[0]] = n // known
+    if math.prod(sizes.values()) != n:
+        raise ValueError(f"make_mesh: data × fsdp × expert = {math.prod(sizes.values())} "
+                         f"({sizes}), but there are {n} devices")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def axis_size(mesh, name: str) -> int:
+    """Size of a mesh axis; 1 when the mesh has no such axis."""
+    return dict(mesh.shape).get(name, 1)
+
+
+# ---------------------------------------------------------------------------
+# logical axes -> PartitionSpec
+
+
+def spec(logical: Sequence[str | None], shape: Sequence[int], mesh,
+         rules: Mapping[str, tuple[str, ...] | None] = RULES) -> P:
+    """PartitionSpec for a tensor whose axes mean ``logical``.
+
+    Each axis takes the mesh axes its rule names, in order, as long as they exist in the mesh,
+    are not used by an earlier axis of the same tensor, and keep the dimension divisible.
+    """
+    sizes = dict(mesh.shape)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(logical, shape):
+        axes = []
+        for ax in (rules.get(name) or ()) if name is not None else ():
+            if ax not in sizes or ax in used or sizes[ax] == 1:
+                continue
+            if dim % (math.prod(sizes[a] for a in axes) * sizes[ax]):
+                continue
+            axes.append(ax)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _names(path) -> list[str]:
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    if names and names[-1] == "value":  # nnx.Variable's own field
+        names.pop()
+    return names
+
+
+def param_logical_axes(path, ndim: int) -> tuple[str | None, ...] | None:
+    """Logical axes of the parameter (or optimizer moment) at ``path``; None if not a parameter.
+
+    ``path`` is a key path (``jax.tree_util`` keys or plain names) ending in the parameter's
+    module and leaf, e.g. ``('layers', 1, 'mlp', 'experts_up_proj', 'weight')``.
+    """
+    names = _names(path) if path and not isinstance(path[0], (str, int)) else [str(p) for p in path]
+    if len(names) < 2 or names[-1] not in _LEAVES:
+        return None
+    module = names[-2]
+    if "norm" in module:
+        return ("norm",) * ndim
+    axes = PARAM_AXES.get(module)
+    if axes is None:
+        return None
+    if len(axes) != ndim:
+        raise ValueError(f"sharding: parameter {'.'.join(names)} has {ndim} dims; the rule for "
+                         f"{module!r} names {len(axes)} ({axes})")
+    return axes
+
+
+def tree_shardings(tree: Any, mesh, rules: Mapping = RULES) -> Any:
+    """A NamedSharding per array leaf of ``tree`` (an nnx.State, params, a TrainState, ...).
+
+    Parameters and anything whose path ends like one (AdamW ``mu``/``nu``) follow
+    :data:`PARAM_AXES` and ``rules``; everything else (step counters, RNG keys) is replicated.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: sharding_for(path, getattr(x, "shape", ()), mesh, rules), tree)
+
+
+def sharding_for(path, shape, mesh, rules: Mapping = RULES) -> NamedSharding:
+    """The NamedSharding of one leaf at ``path`` (key path or names) with ``shape``."""
+    axes = param_logical_axes(path, len(shape))
+    if axes is None:
+        return NamedSharding(mesh, P())
+    return NamedSharding(mesh, spec(axes, shape, mesh, rules))
+
+
+def batch_spec(mesh, n: int | None = None, rules: Mapping = RULES) -> P:
+    """Spec of the leading (batch or token) axis of activations: split over ``rules['batch']``,
+    dropping mesh axes from the right until they divide ``n`` (when given)."""
+    axes = [a for a in (rules.get("batch") or ()) if axis_size(mesh, a) > 1]
+    while axes and n is not None and n % math.prod(axis_size(mesh, a) for a in axes):
+        axes.pop()
+    return P(tuple(axes) if len(axes) > 1 else axes[0]) if axes else P()
+
+
+def batch_sharding(mesh, n: int | None = None, dim: int = 0) -> NamedSharding:
+    """Sharding of inputs (token ids, targets, masks) whose axis ``dim`` holds ``n`` sequences,
+    split per :func:`batch_spec`: ``dim=0`` for [B, T], ``dim=1`` for micro-batched [A, B, T]."""
+    return NamedSharding(mesh, P(*([None] * dim), *batch_spec(mesh, n)))
+
+
+# ---------------------------------------------------------------------------
+# placing values
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Place host or device values at ``shardings``; works when the mesh spans processes.
+
+    Every process must hold the same full values (same seed, same checkpoint); each keeps only
+    the shards of its own devices.
+    """
+    def one(x, s):
+        if s.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def set_expert_mesh(model, mesh) -> None:
+    """Tell every MoE layer of ``model`` which mesh its routed experts are sharded over.
+
+    With an ``expert`` axis of size > 1 the layers dispatch inside ``jax.shard_map``; with
+    ``None`` (or an expert axis of 1) they run the single-device path.
+    """
+    from flax import nnx
+
+    from .moe import MoE
+
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MoE):
+            if mesh is not None and module.cfg.n_routed_experts % axis_size(mesh, EXPERT):
+                raise ValueError(f"sharding: n_routed_experts = {module.cfg.n_routed_experts} is not "
+                                 f"divisible by the mesh's expert axis ({axis_size(mesh, EXPERT)})")
+            module.expert_mesh = mesh if mesh is not None and axis_size(mesh, EXPERT) > 1 else None
+
+
+def shard_model(model, mesh, rules: Mapping = RULES):
+    """Move every variable of ``model`` to its sharding on ``mesh`` and turn on expert
+    parallelism in its MoE layers. Returns the same model (changed in place).
+
+    Example::
+
+        model = shard_model(DeepseekV2(cfg, rngs=nnx.Rngs(0)), make_mesh(expert=4))
+    """
+    from flax import nnx
+
+    set_expert_mesh(model, mesh)
+    state = nnx.state(model)
+    nnx.update(model, put(state, tree_shardings(state, mesh, rules)))
+    return model
+
+
+def create_sharded(factory, mesh, rules: Mapping = RULES):
+    """Build ``factory()`` (e.g. a randomly initialised model) straight into its shardings:
+    initialisation runs under ``jit`` with those as output shardings, so no device or
+    process ever holds a full copy. The values are those of ``factory()`` run eagerly, up to
+    float rounding (XLA fuses the init arithmetic differently under ``jit``).
+
+    Example::
+
+        model = create_sharded(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)), make_mesh(fsdp=-1))
+    """
+    from flax import nnx
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(factory))
+    state = jax.jit(lambda: nnx.state(factory()), out_shardings=tree_shardings(abstract, mesh, rules))()
+    model = nnx.merge(graphdef, state)
+    set_expert_mesh(model, mesh)
+    return model

@@ -1,0 +1,285 @@
+"""Expert-parallel checks that need fake devices, run in a fresh process by the tests.
+
+``run(CASE, FOLDER, ...)`` starts ``python tests/ep_cases.py CASE FOLDER ...`` with 8 fake CPU
+devices (XLA_FLAGS must be set before jax starts its backend, and the pytest process already has
+one device), which prints one JSON line of measured numbers; the tests assert on them.
+Importing this module changes nothing in the importing process.
+
+The reference is always the same checkpoint loaded without a mesh and run on one device:
+the plain single-device MoE path (gathered matmul / tiled grouped matmul).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import dsv2_jax  # noqa: E402
+from dsv2_jax import sharding as sh  # noqa: E402
+from dsv2_jax.cache import init_cache  # noqa: E402
+
+# Prefill B·T = 128 tokens (sorted grouped path, tokens split over every device and gathered
+# per expert group); decode B rows (gathered-weights path); a lone row of ODD tokens that no
+# mesh axis divides (tokens replicated, partial sums psum'ed).
+B, T, DECODE, ODD = 8, 16, 1, 5
+
+
+def tokens(vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(2, vocab, (B, T + DECODE)).astype(np.int32)
+
+
+def prefill_and_decode(model, ids):
+    """Prefill T tokens into the latent cache (materialised MLA), then DECODE absorbed steps
+    fed the given next tokens. Returns prefill logits [B, T, V], decode logits [B, DECODE, V]
+    and the logits of the first ODD tokens of row 0 alone [1, ODD, V]."""
+    cfg = model.config
+    s = T + DECODE
+    cache = init_cache(cfg, B, s, model.dtype)
+    causal = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, 0)
+    out = model.forward(ids[:, :T], cache=cache, cache_index=0, mask=causal)
+    cache, steps = out.cache, []
+    for i in range(DECODE):
+        slot = T + i
+        mask = jnp.broadcast_to(jnp.arange(s) <= slot, (B, 1, s))
+        pos = jnp.full((B, 1), slot, jnp.int32)
+        o = model.forward(ids[:, slot:slot + 1], pos, cache=cache, cache_index=slot, mask=mask,
+                          absorbed=True)
+        cache = o.cache
+        steps.append(o.logits[:, 0])
+    return out.logits, jnp.stack(steps, 1), model(ids[:1, :ODD])
+
+
+_run = jax.jit(prefill_and_decode)
+# Cheaper (no cache): the B·T forward (sorted grouped path) and the ODD one (gathered path).
+_forward = jax.jit(lambda model, ids: (model(ids), model(ids[:1, :ODD])))
+
+
+def compare(folder: str, sizes: dict, with_cache: bool = True) -> dict:
+    """Max |logit difference| of prefill / decode / odd (``with_cache``; else forward / odd)
+    between the checkpoint at ``folder`` on one device and loaded on each mesh of ``sizes``."""
+    fn, phases = (_run, ("prefill", "decode", "odd")) if with_cache else (_forward, ("forward", "odd"))
+    ref = dsv2_jax.load(folder, dtype="float32")
+    ids = jnp.asarray(tokens(ref.config.vocab_size))
+    want = [np.asarray(a) for a in fn(ref, ids)]
+    res = {"scale": float(np.abs(want[0]).max())}
+    for label, kw in sizes.items():
+        mesh = sh.make_mesh(**kw)
+        model = dsv2_jax.load(folder, dtype="float32", mesh=mesh)
+        experts = model.layers[1].mlp.experts_up_proj
+        leaves = ({"weight": experts.weight} if not experts.quantized else
+                  {"qweight": experts.qweight, "qzeros": experts.qzeros, "scales": experts.scales})
+        for name, var in leaves.items():
+            res[f"{label}/expert_spec/{name}"] = str(var[...].sharding.spec)
+        res[f"{label}/q_proj_spec"] = str(model.layers[0].self_attn.q_proj.weight[...].sharding.spec) \
+            if not model.layers[0].self_attn.q_proj.quantized else None
+        res[f"{label}/uses_shard_map"] = model.layers[1].mlp.expert_mesh is not None
+        got = [np.asarray(a) for a in fn(model, jax.device_put(ids, sh.batch_sharding(mesh, B)))]
+        for name, g, w in zip(phases, got, want):
+            res[f"{label}/{name}"] = float(np.abs(g - w).max())
+    return res
+
+
+def case_logits(folder: str, eps: list[int]) -> dict:
+    return compare(folder, {f"ep{ep}": dict(expert=ep) for ep in eps})
+
+
+def case_awq_fsdp(folder: str, awq_folder: str) -> dict:
+    """AWQ experts split 8 ways; a dense model with FSDP and expert axes together."""
+    res = {f"awq/{k}": v for k, v in compare(awq_folder, {"ep8": dict(expert=8)}, with_cache=False).items()}
+    res.update({f"dense/{k}": v for k, v in
+                compare(folder, {"fsdp2_ep4": dict(fsdp=2, expert=4)}, with_cache=False).items()})
+    # A random init straight into (fsdp 2, expert 4) shardings equals the eager one.
+    from flax import nnx
+
+    from dsv2_jax import DeepseekV2, DeepseekV2Config
+
+    cfg = DeepseekV2Config.from_json(os.path.join(folder, "config.json"))
+    factory = lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    made = sh.create_sharded(factory, sh.make_mesh(fsdp=2, expert=4))
+    leaves = zip(jax.tree.leaves(nnx.state(factory())), jax.tree.leaves(nnx.state(made)))
+    res["init/diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in leaves)
+    res["init/expert_spec"] = str(made.layers[1].mlp.experts_down_proj.weight[...].sharding.spec)
+    res["init/uses_shard_map"] = made.layers[1].mlp.expert_mesh is not None
+    return res
+
+
+def case_cuda_lowering() -> dict:
+    """Trace the expert-parallel dispatch as on a GPU (ragged_dot for dense experts, the Triton
+    grouped kernel for AWQ ones) and lower it for CUDA: catches what shard_map or Pallas would
+    refuse there, without a GPU (DESIGN.md §7)."""
+    from dsv2_jax import moe
+    from dsv2_jax.quant.awq import AWQWeight
+
+    e, h, i, n, k = 8, 128, 64, 64, 3
+    rng = np.random.default_rng(0)
+
+    def awq_stack(n_in, n_out):
+        ws = [AWQWeight.quantize(rng.normal(size=(n_in, n_out)).astype(np.float32), group_size=64)
+              for _ in range(e)]
+        return jax.tree.map(lambda *a: jnp.stack(a), *ws)
+
+    x = jnp.asarray(rng.normal(size=(n, h)), jnp.bfloat16)
+    routing = moe.Routing(jnp.zeros((n, e)), jnp.asarray(rng.integers(0, e, (n, k)), jnp.int32),
+                          jnp.ones((n, k), jnp.float32))
+    weights = {"dense": [jnp.zeros(s, jnp.bfloat16) for s in ((e, h, i), (e, h, i), (e, i, h))],
+               "awq": [awq_stack(h, i), awq_stack(h, i), awq_stack(i, h)]}
+    mesh = sh.make_mesh(expert=4)
+    res, real = {}, jax.default_backend
+    jax.default_backend = lambda: "gpu"  # the dispatch picks its GPU kernels at trace time
+    try:
+        for label, ws in weights.items():
+            f = jax.jit(lambda x, r, *w: moe.dispatch_experts_parallel(x, r, *w, e, mesh))
+            text = f.trace(x, routing, *ws).lower(lowering_platforms=("cuda",)).as_text()
+            res[f"{label}/ragged_dot"] = "ragged_dot" in text
+            res[f"{label}/triton"] = "xla.gpu.triton" in text
+            res[f"{label}/reduce_scatter"] = "reduce_scatter" in text
+    finally:
+        jax.default_backend = real
+    return res
+
+
+def loss_fn(params, graphdef, rest, ids):
+    """Mean next-token cross-entropy + the expert-balance loss (DESIGN.md §2)."""
+    from flax import nnx
+
+    from dsv2_jax.train.losses import cross_entropy, total_balance_loss
+
+    model = nnx.merge(graphdef, params, rest)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    out = model.forward(inputs)
+    ce, _ = cross_entropy(out.logits, targets)
+    return ce + total_balance_loss(out, model.config, *inputs.shape)
+
+
+_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+
+
+def split(model):
+    from flax import nnx
+
+    return nnx.split(model, nnx.Param, ...)
+
+
+def case_grads(folder: str, eps: list[int]) -> dict:
+    ref = dsv2_jax.load(folder, dtype="float32")
+    ids = jnp.asarray(tokens(ref.config.vocab_size))
+    g, params, rest = split(ref)
+    want_loss, want = _grad(params, g, rest, ids)
+    want = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    res = {"loss": float(want_loss), "grad_scale": max(float(np.abs(v).max()) for v in want.values())}
+    for ep in eps:
+        mesh = sh.make_mesh(expert=ep)
+        g, params, rest = split(dsv2_jax.load(folder, dtype="float32", mesh=mesh))
+        loss, got = _grad(params, g, rest, jax.device_put(ids, sh.batch_sharding(mesh, B)))
+        got = dict(jax.tree_util.tree_leaves_with_path(got))
+        errs = {jax.tree_util.keystr(k): float(np.abs(np.asarray(got[k]) - v).max()) for k, v in want.items()}
+        worst = max(errs, key=errs.get)
+        res[f"ep{ep}/loss"] = abs(float(loss) - res["loss"])
+        res[f"ep{ep}/grad"] = errs[worst]
+        res[f"ep{ep}/worst"] = worst
+        res[f"ep{ep}/n_grads"] = len(errs)
+        spec = [v.sharding.spec for k, v in got.items() if "experts_down_proj" in jax.tree_util.keystr(k)]
+        res[f"ep{ep}/expert_grad_spec"] = str(spec[0])
+    return res
+
+
+SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
+
+
+def all_gathers(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather (sync or async start) in optimized HLO text."""
+    shapes = []
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(.*?)\s*all-gather(-start)?\(", line)
+        if m:
+            shapes += [tuple(int(d) for d in s.split(",") if d) for s in SHAPE.findall(m.group(1))]
+    return shapes
+
+
+def case_hlo(folder: str) -> dict:
+    """Compile one AdamW step of the CE + balance loss under expert parallelism and list the
+    all-gathers; the same step with the MoE on the single-device path is the control."""
+    import optax
+
+    from dsv2_jax.train.optim import make_optimizer
+
+    res = {}
+    tx = make_optimizer(1e-3)
+    for label, sizes, ep_on in [("ep4_data2", dict(data=2, expert=4), True),
+                                ("ep4_fsdp2", dict(fsdp=2, expert=4), True),
+                                ("control", dict(data=2, expert=4), False)]:
+        mesh = sh.make_mesh(**sizes)
+        model = dsv2_jax.load(folder, dtype="float32", mesh=mesh)
+        if not ep_on:
+            sh.set_expert_mesh(model, None)
+        cfg = model.config
+        g, params, rest = split(model)
+
+        def step(params, opt_state, ids):
+            loss, grads = jax.value_and_grad(loss_fn)(params, g, rest, ids)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        opt_state = tx.init(params)
+        p_sh, o_sh = sh.tree_shardings(params, mesh), sh.tree_shardings(opt_state, mesh)
+        ids = jax.ShapeDtypeStruct((B, T + DECODE), jnp.int32, sharding=sh.batch_sharding(mesh, B))
+        hlo = jax.jit(step, in_shardings=(p_sh, o_sh, ids.sharding),
+                      out_shardings=(p_sh, o_sh, None)).lower(params, opt_state, ids).compile().as_text()
+        e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        full = {(e, h, i), (e, i, h)}
+        shapes = all_gathers(hlo)
+        res[f"{label}/all_gathers"] = [list(s) for s in shapes]
+        res[f"{label}/full_expert_gathers"] = sum(s in full for s in shapes)
+        res[f"{label}/local_expert_gathers"] = sum(s in {(e // 4, h, i), (e // 4, i, h)} for s in shapes)
+        res[f"{label}/reduce_scatters"] = len(re.findall(r"reduce-scatter(-start)?\(", hlo))
+        res[f"{label}/opt_state_specs"] = sorted({
+            str(v.spec) for k, v in jax.tree_util.tree_leaves_with_path(o_sh)
+            if "experts_down_proj" in jax.tree_util.keystr(k)})
+    return res
+
+
+def run(case: str, *args, timeout: int = 240) -> dict:
+    """Run CASE in a fresh process with 8 fake CPU devices; its measured numbers as a dict."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    p = subprocess.run([sys.executable, str(here / "ep_cases.py"), case, *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"ep_cases {case} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main():
+    # Before the first device query (importing jax does not start a backend); run() sets it too.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    case, *rest = sys.argv[1:]
+    folder = rest.pop(0) if rest else None
+    if case == "logits":
+        out = case_logits(folder, [int(x) for x in rest[0].split(",")])
+    elif case == "awq_fsdp":
+        out = case_awq_fsdp(folder, rest[0])
+    elif case == "cuda_lowering":
+        out = case_cuda_lowering()
+    elif case == "grads":
+        out = case_grads(folder, [int(x) for x in rest[0].split(",")])
+    elif case == "hlo":
+        out = case_hlo(folder)
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
