@@ -30,6 +30,18 @@ def as_dtype(dtype: DTypeLike | None, default=jnp.float32) -> jnp.dtype:
     return d
 
 
+def tie_to(x: jax.Array, a: jax.Array) -> jax.Array:
+    """``a`` plus a zero computed from ``x``: the same values, but data-dependent on ``x``.
+
+    Packed AWQ weights are unpacked from their scales; tying the (small) scales to a layer's
+    input keeps XLA from unpacking every layer's weights before the first layer runs and
+    holding them all at once (``optimization_barrier`` is stripped by XLA's CPU pipeline).
+    Float ``x * 0`` is not folded away, as it would change NaN/Inf semantics.
+    """
+    zero = jax.lax.stop_gradient(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
+    return a + zero.astype(a.dtype)
+
+
 class QuantizedWeight(nnx.Variable):
     """Packed integer weights and their scales: loaded, never trained."""
 
@@ -92,11 +104,9 @@ class Linear(nnx.Module):
         them all alive at once."""
         from .quant.awq import AWQWeight
 
-        arrays = (self.qweight[...], self.qzeros[...], self.scales[...])
-        if after is not None:
-            _, arrays = jax.lax.optimization_barrier((after, arrays))
-        return AWQWeight(*arrays, group_size=self.group_size, in_features=self.in_features,
-                         out_features=self.out_features)
+        scales = self.scales[...] if after is None else tie_to(after, self.scales[...])
+        return AWQWeight(self.qweight[...], self.qzeros[...], scales, group_size=self.group_size,
+                         in_features=self.in_features, out_features=self.out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)

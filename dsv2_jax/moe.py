@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from .config import DeepseekV2Config
-from .layers import ExpertWeights, Linear
+from .layers import ExpertWeights, Linear, tie_to
 from .sharding import EXPERT, axis_size, batch_spec
 
 
@@ -182,6 +182,9 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     the grouped matmul leaves them zero without computing them.
     """
     n, k = topk_idx.shape
+    # Packed experts are unpacked only once this layer's input exists (see layers.tie_to).
+    w_gate, w_up, w_down = (w if isinstance(w, jax.Array) else dataclasses.replace(w, scales=tie_to(x, w.scales))
+                            for w in (w_gate, w_up, w_down))
     flat_expert = topk_idx.reshape(-1)  # [N*K]
     flat_weight = topk_weight.reshape(-1)
     if valid is not None:
