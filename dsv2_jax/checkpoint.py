@@ -9,6 +9,7 @@ JAX as soon as it is complete, so peak host memory stays near the size of the pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -281,6 +282,28 @@ def _put_fused(cfg, table, put, m, array, fpath, k):
 # saving
 
 
+@contextlib.contextmanager
+def atomic_folder(folder: Path):
+    """Yield a temporary folder beside ``folder``; when the block succeeds it replaces
+    ``folder`` by renames, so readers see the old folder or the new one, never half of one.
+    On error the temporary folder is removed and ``folder`` is untouched."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer=None) -> Path:
     """Write ``config.json`` and sharded safetensors with hub names, atomically.
 
@@ -295,9 +318,7 @@ def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer
     state = nnx.state(model, nnx.Variable)
     table = _param_table(state)
     values = dict(nnx.to_flat_state(state))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
         dtypes = set()
@@ -333,14 +354,4 @@ def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer
                 src = Path(tok.folder) / fn
                 if src.exists():
                     shutil.copy(src, tmp / fn)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

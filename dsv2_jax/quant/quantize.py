@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, _index, _open
+from ..checkpoint import CheckpointError, _index, _open, atomic_folder
 from ..config import DeepseekV2Config
 from ..hub import resolve_model_path
 from .awq import quantize_rtn
@@ -46,9 +46,7 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, max_shard_bytes: int 
     if group_size <= 0 or group_size % 8:
         raise ValueError(f"group_size = {group_size}: expected a positive multiple of 8")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         weight_map: dict[str, str] = {}
         shard: dict[str, np.ndarray] = {}
         shards: list[str] = []
@@ -113,16 +111,6 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, max_shard_bytes: int 
         for fn in _TOKENIZER_FILES:
             if (src / fn).exists():
                 shutil.copy(src / fn, tmp / fn)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
