@@ -107,17 +107,36 @@ def _gathered_matmul(x, w, expert):
     return jnp.einsum("mk,mkn->mn", x, wsel)
 
 
+def _varying(a) -> frozenset:
+    """The shard_map axes ``a`` varies over (empty outside shard_map)."""
+    t = jax.typeof(a)
+    mat = getattr(t, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
 def _zeros_like_varying(shape, dtype, *like):
     """Zeros that vary over the same shard_map axes as ``like`` (a no-op outside shard_map),
     so that both branches of a ``cond`` have one type."""
-    def varying(a):
-        t = jax.typeof(a)
-        mat = getattr(t, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
-        return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
-
-    vma = frozenset().union(*(varying(a) for a in jax.tree.leaves(like)))
+    vma = frozenset().union(*(_varying(a) for a in jax.tree.leaves(like)))
     z = jnp.zeros(shape, dtype)
     return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
+def _vary_like(w, x):
+    """``w`` (array or AWQWeight) cast to vary over every shard_map axis ``x`` varies over.
+
+    Inside shard_map a weight replicated over ``data`` / ``fsdp`` meets tokens split over them;
+    JAX casts it where they meet, and the transpose of that cast is the gradient's psum. Cast
+    here, once, so that psum is not inside the per-tile ``cond`` below: devices whose tiles
+    differ would take different branches and wait forever on each other's collective.
+    """
+    want = _varying(x)
+
+    def cast(a):
+        extra = tuple(sorted(want - _varying(a)))
+        return jax.lax.pcast(a, extra, to="varying") if extra else a
+
+    return jax.tree.map(cast, w) if want else w
 
 
 def _tiled_grouped_matmul(x, w, group_sizes):
@@ -135,6 +154,7 @@ def _tiled_grouped_matmul(x, w, group_sizes):
     tile_end = jnp.cumsum(tiles_per)  # inclusive
     row_off = jnp.cumsum(group_sizes) - group_sizes
     x_pad = jnp.concatenate([x, jnp.zeros((tile, k), x.dtype)])
+    w = _vary_like(w, x)
 
     def one(i):
         ex = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), e - 1)

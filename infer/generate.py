@@ -5,6 +5,16 @@
     python -m infer.generate --model ./my-model --prompt "ROMEO:" --temperature 0.8 --json
 
 Text streams to stdout as it is generated; prefill and decode tokens/s go to stderr.
+
+Across devices and processes (``dsv2_jax.sharding``, ``dsv2_jax.distributed``)::
+
+    python -m infer.generate --model ./my-model --expert 8          # routed experts over 8 devices
+    python -m infer.generate --model ./my-model --expert 4 --coordinator 10.0.0.1:12355 \
+        --num-processes 2 --process-id RANK                        # in each of two processes
+
+``--expert N`` / ``--fsdp N`` load the model straight into a (data, fsdp, expert) mesh over
+every device (data takes the devices left over); each process reads only its own experts and
+shards. Every process runs the same command; only process 0 prints.
 """
 
 from __future__ import annotations
@@ -32,9 +42,14 @@ def parse_args(argv=None):
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true",
                    help="print prompt ids, output ids, text and timings as one JSON object")
-    p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-process runs)")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
+    p.add_argument("--expert", type=int, default=1, metavar="N",
+                   help="split the routed experts over N devices (must divide n_routed_experts)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N",
+                   help="split every weight's hidden-size axis over N devices")
+    p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-process "
+                                         "runs; default DSV2_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (DSV2_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process, 0..N-1 (DSV2_PROCESS_ID)")
     return p.parse_args(argv)
 
 
@@ -49,6 +64,29 @@ def _report(stats: dict) -> None:
           f"decode {stats['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
 
 
+def _mesh(args):
+    """The mesh to load into, or None (one device): --expert / --fsdp > 1, or a multi-process
+    run (jax.distributed initialized here first)."""
+    import os
+
+    for flag, n in (("--expert", args.expert), ("--fsdp", args.fsdp)):
+        if n < 1:
+            raise ValueError(f"{flag} = {n}: expected a positive integer")
+    coordinator = args.coordinator or os.environ.get("DSV2_COORDINATOR")
+    if coordinator:
+        from dsv2_jax.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+        raise ValueError("--num-processes / --process-id: a multi-process run also needs "
+                         "--coordinator HOST:PORT (or DSV2_COORDINATOR)")
+    if args.expert == 1 and args.fsdp == 1 and not coordinator:
+        return None
+    from dsv2_jax import sharding
+
+    return sharding.make_mesh(expert=args.expert, fsdp=args.fsdp)
+
+
 def run(args) -> int:
     import dsv2_jax
     from dsv2_jax.sampling import SamplingParams
@@ -57,17 +95,24 @@ def run(args) -> int:
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty).validate()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens = {args.max_new_tokens}: expected >= 1")
-    if args.coordinator:
-        from dsv2_jax.distributed import initialize
+    mesh = _mesh(args)
+    import jax
 
-        initialize(args.coordinator, args.num_processes, args.process_id)
+    lead = jax.process_index() == 0  # every process computes; process 0 alone prints
+    if args.chat and jax.process_count() > 1:
+        raise ValueError("--chat reads stdin, which only one process has: use --prompt in "
+                         "multi-process runs")
     if args.model is None:
         from dsv2_jax.demo import demo_model_path
 
         model_path = demo_model_path()
     else:
         model_path = args.model
-    model = dsv2_jax.load(model_path, dtype=args.dtype)
+    model = dsv2_jax.load(model_path, dtype=args.dtype, mesh=mesh)
+    if mesh is not None and lead:
+        layout = ", ".join(f"{k} {v}" for k, v in mesh.shape.items() if v > 1) or "one device"
+        print(f"mesh: {layout} ({jax.device_count()} devices, {jax.process_count()} "
+              f"process(es))", file=sys.stderr)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{model_path}: no tokenizer.json/tokenizer_config.json in the model folder")
@@ -79,20 +124,24 @@ def run(args) -> int:
         else dict(prompts=[prompt])
     if args.json:
         out = dsv2_jax.generate(model, tok, **source, **kw)
-        print(json.dumps({"prompt_ids": out.prompt_ids[0], "output_ids": out.token_ids[0],
-                          "text": out.texts[0], "finish_reason": out.finish_reasons[0],
-                          "prefill_tokens_per_s": out.prefill_tokens_per_s,
-                          "decode_tokens_per_s": out.decode_tokens_per_s,
-                          "prefill_s": out.prefill_s, "decode_s": out.decode_s}, ensure_ascii=False))
+        if lead:
+            print(json.dumps({"prompt_ids": out.prompt_ids[0], "output_ids": out.token_ids[0],
+                              "text": out.texts[0], "finish_reason": out.finish_reasons[0],
+                              "prefill_tokens_per_s": out.prefill_tokens_per_s,
+                              "decode_tokens_per_s": out.decode_tokens_per_s,
+                              "prefill_s": out.prefill_s, "decode_s": out.decode_s},
+                             ensure_ascii=False))
         return 0
     stats: dict = {}
-    if not args.system:
+    if lead and not args.system:
         sys.stdout.write(prompt)
     for piece in dsv2_jax.stream(model, tok, **source, **kw, stats=stats):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    _report(stats)
+        if lead:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if lead:
+        sys.stdout.write("\n")
+        _report(stats)
     return 0
 
 

@@ -97,8 +97,14 @@ def model_config(cfg: TrainConfig):
         raise ConfigError(f"model.overrides: {e}") from None
 
 
-def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path):
-    """Copy (or write) the run's tokenizer into RUN_DIR/tokenizer and load it from there."""
+def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path,
+                      write: bool = True):
+    """Copy (or write) the run's tokenizer into RUN_DIR/tokenizer and load it from there.
+
+    ``write=False`` (the processes other than 0 of a multi-process run) loads the same tokenizer
+    without touching the run directory."""
+    import tempfile
+
     from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder, load_tokenizer
     from dsv2_jax.train.byte_tokenizer import write_byte_tokenizer
 
@@ -106,6 +112,10 @@ def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path)
     target = run_dir / TOKENIZER_DIR
     try:
         if spec == "bytes":
+            if not write:
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_byte_tokenizer(Path(tmp))
+                    return load_tokenizer(Path(tmp))
             write_byte_tokenizer(target)
         else:
             if spec == "deepseek-v2":
@@ -118,10 +128,13 @@ def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path)
                     source = deepseek_v2_tokenizer_folder()
             else:
                 source = deepseek_v2_tokenizer_folder()
-            target.mkdir(parents=True, exist_ok=True)
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if not (source / name).is_file():
                     raise FileNotFoundError(f"{source} has no {name}")
+            if not write:
+                return load_tokenizer(source)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (source / name).resolve() != (target / name).resolve():
                     shutil.copy(source / name, target / name)
         return load_tokenizer(target)
@@ -145,29 +158,45 @@ def check_model_against_data(cfg: TrainConfig, model_cfg, tok, fresh: bool):
     return model_cfg
 
 
-def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None):
-    """The model with its initial parameters (float32 master weights by default)."""
+def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None):
+    """The model with its initial parameters (float32 master weights by default).
+
+    With ``mesh`` (``dsv2_jax.sharding.make_mesh``) every parameter is created, read or
+    restored straight into its sharding (no device or process holds a full copy) and the MoE
+    layers dispatch across the mesh's ``expert`` axis."""
+    import jax
     from flax import nnx
 
-    from dsv2_jax import DeepseekV2
+    from dsv2_jax import DeepseekV2, sharding
 
     p = cfg.precision
-    if init_folder is None:
-        return DeepseekV2(model_cfg, rngs=nnx.Rngs(cfg.seed), param_dtype=p.param_dtype,
+
+    def fresh(seed):
+        return DeepseekV2(model_cfg, rngs=nnx.Rngs(seed), param_dtype=p.param_dtype,
                           dtype=p.compute_dtype)
+
+    if init_folder is None:
+        if mesh is None:
+            return fresh(cfg.seed)
+        return sharding.create_sharded(lambda: fresh(cfg.seed), mesh)
     if is_run_dir(init_folder):
         from .checkpoints import restore_params
 
-        model = nnx.eval_shape(lambda: DeepseekV2(model_cfg, rngs=nnx.Rngs(0),
-                                                  param_dtype=p.param_dtype, dtype=p.compute_dtype))
+        model = nnx.eval_shape(lambda: fresh(0))
         graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
-        params, step = restore_params(Path(init_folder) / "checkpoints", abstract)
-        print(f"init_from: {init_folder} step {step}")
-        return nnx.merge(graphdef, params, rest)
+        shardings = None if mesh is None else sharding.tree_shardings(abstract, mesh)
+        params, step = restore_params(Path(init_folder) / "checkpoints", abstract,
+                                      shardings=shardings)
+        if jax.process_index() == 0:
+            print(f"init_from: {init_folder} step {step}")
+        model = nnx.merge(graphdef, params, rest)
+        if mesh is not None:
+            sharding.set_expert_mesh(model, mesh)
+        return model
     import dsv2_jax
 
     model = dsv2_jax.load(init_folder, dtype=p.param_dtype, compute_dtype=p.compute_dtype,
-                          load_tokenizer=False)
+                          load_tokenizer=False, mesh=mesh)
     model.config = model_cfg  # aux_loss_alpha / seq_aux overrides; shapes are unchanged
     del model.tokenizer
     return model

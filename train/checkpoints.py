@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dsv2_jax.sharding import put
 from dsv2_jax.train.step import TrainState
 
 
@@ -51,9 +52,9 @@ class Checkpoints:
             opt_state=ocp.args.StandardRestore(_abstract(like.opt_state)),
             meta=ocp.args.JsonRestore()))
         meta = got.meta
-        rng = jax.device_put(jnp.asarray(meta["rng"], jnp.uint32).reshape(like.rng.shape),
-                             like.rng.sharding)
-        step_arr = jax.device_put(jnp.asarray(meta["step"], jnp.int32), like.step.sharding)
+        # sharding.put: like.rng may be replicated over the devices of several processes
+        rng = put(np.asarray(meta["rng"], np.uint32).reshape(like.rng.shape), like.rng.sharding)
+        step_arr = put(np.asarray(meta["step"], np.int32), like.step.sharding)
         return TrainState(got.params, got.opt_state, step_arr, rng), meta["data"]
 
     def wait(self) -> None:
@@ -63,8 +64,12 @@ class Checkpoints:
         self.manager.close()
 
 
-def restore_params(directory: Path, abstract_params, step: int | None = None):
-    """Only the parameters of a run's checkpoint (export, init_from). Returns (params, step)."""
+def restore_params(directory: Path, abstract_params, step: int | None = None, shardings=None):
+    """Only the parameters of a run's checkpoint (export, init_from). Returns (params, step).
+
+    The arrays land on the first device, or at ``shardings`` (a NamedSharding per parameter,
+    e.g. ``dsv2_jax.sharding.tree_shardings(abstract_params, mesh)``: each process then reads
+    only its own shards)."""
     manager = ocp.CheckpointManager(Path(directory).absolute(),
                                     options=ocp.CheckpointManagerOptions(create=False))
     try:
@@ -75,10 +80,11 @@ def restore_params(directory: Path, abstract_params, step: int | None = None):
         elif step not in manager.all_steps():
             raise FileNotFoundError(f"{directory}: no checkpoint for step {step} "
                                     f"(have {sorted(manager.all_steps())})")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                           sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-            abstract_params)
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, abstract_params)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_params, shardings)
         got = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
         return got.params, step
     finally:

@@ -94,8 +94,9 @@ class ScheduleSection:
 
 @dataclasses.dataclass(frozen=True)
 class BatchSection:
-    """``global_batch`` sequences per optimizer step, ``micro_batch`` per data-parallel replica per
-    forward/backward; the difference is made up by gradient accumulation."""
+    """``global_batch`` sequences per optimizer step, ``micro_batch`` per device per
+    forward/backward (batches are split over every mesh axis: data, fsdp and expert); the
+    difference is made up by gradient accumulation."""
 
     global_batch: int = 8
     micro_batch: int = 1
@@ -121,11 +122,20 @@ class RematSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh axes; -1 = all remaining devices. Only data parallelism runs today."""
+    """Device mesh axes (``dsv2_jax.sharding.make_mesh``); one of them may be -1 = the devices
+    left over. data × fsdp × expert must equal the device count (of all processes).
+
+    ``data``: replicated parameters; ``fsdp``: parameters and optimizer state split along the
+    hidden size (ZeRO-3); ``expert``: each device holds n_routed_experts / expert routed experts
+    (must divide n_routed_experts). Batches are split over all three.
+    """
 
     data: int = -1
     expert: int = 1
     fsdp: int = 1
+
+    def sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,13 +382,13 @@ def validate(cfg: TrainConfig) -> None:
         raise _bad("remat.policy", cfg.remat.policy, f"expected one of {', '.join(REMAT_POLICIES)}")
 
     me = cfg.mesh
-    if me.data == 0 or me.data < -1:
-        raise _bad("mesh.data", me.data, "expected a positive integer or -1 (all devices)")
-    for k in ("expert", "fsdp"):
-        if getattr(me, k) != 1:
-            raise _bad(f"mesh.{k}", getattr(me, k),
-                       "only 1 is supported for now: expert-parallel / FSDP parameter sharding "
-                       "plugs in with dsv2_jax/sharding.py (see train/parallel.py)")
+    for k, v in me.sizes().items():
+        if v == 0 or v < -1:
+            raise _bad(f"mesh.{k}", v, "expected a positive integer or -1 (the devices left over)")
+    free = [k for k, v in me.sizes().items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: at most one of mesh.data, mesh.fsdp, mesh.expert may be -1 "
+                          f"(found {', '.join('mesh.' + k for k in free)})")
 
     c = cfg.checkpoint
     if c.every < 1:
@@ -400,12 +410,40 @@ def validate(cfg: TrainConfig) -> None:
         raise _bad("debug.nan_at_step", n, f"expected a step in 1..{total}")
 
 
+def mesh_sizes(cfg: TrainConfig, n_devices: int, n_routed_experts: int | None = None) -> dict[str, int]:
+    """``mesh.data / fsdp / expert`` with the -1 resolved for ``n_devices`` devices, checked
+    against the device count and the model's ``n_routed_experts``; errors name the key."""
+    me = cfg.mesh
+    sizes = me.sizes()
+    if n_routed_experts and me.expert != -1 and n_routed_experts % me.expert:
+        raise _bad("mesh.expert", me.expert, f"does not divide the model's n_routed_experts "
+                                             f"({n_routed_experts}): every device must hold the "
+                                             f"same number of routed experts")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    spelled = " × ".join(f"mesh.{k} ({v})" for k, v in sizes.items())
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        if n_devices % known:
+            raise ConfigError(f"mesh.{free[0]} = -1: the {n_devices} device(s) of this run do not "
+                              f"split into {spelled}: {known} does not divide {n_devices}")
+        sizes[free[0]] = n_devices // known
+        if free[0] == "expert" and n_routed_experts and n_routed_experts % sizes["expert"]:
+            raise _bad("mesh.expert", me.expert, f"gives {sizes['expert']} expert shards on "
+                                                 f"{n_devices} devices, which does not divide "
+                                                 f"the model's n_routed_experts ({n_routed_experts})")
+    elif known != n_devices:
+        raise ConfigError(f"mesh: {spelled} = {known} devices, but this run has {n_devices} "
+                          f"(set one of them to -1 to take the devices left over)")
+    return sizes
+
+
 def check_data_axis(cfg: TrainConfig, data_axis: int) -> None:
-    """The checks that need the device count: run once the mesh is known, before compiling."""
+    """The checks that need the device count: run once the mesh is known, before compiling.
+    ``data_axis`` is the number of devices the batch is split over (the mesh's size)."""
     b = cfg.batch
     if b.global_batch % (b.micro_batch * data_axis):
         raise _bad("batch.global_batch", b.global_batch,
-                   f"not divisible by batch.micro_batch × mesh.data "
+                   f"not divisible by batch.micro_batch × devices "
                    f"({b.micro_batch} × {data_axis} = {b.micro_batch * data_axis})")
 
 

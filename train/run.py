@@ -3,8 +3,16 @@
     python -m train.run --config configs/tiny-cpu.yaml
     python -m train.run --config configs/tiny-cpu.yaml schedule.total_steps=50 run_dir=runs/t2
     python -m train.run --config configs/tiny-cpu.yaml --resume
+    python -m train.run --config configs/tiny-cpu.yaml mesh.data=2 mesh.expert=2   # 4 devices
 
-``section.key=value`` arguments override the YAML (values are read as YAML). A run directory
+``section.key=value`` arguments override the YAML (values are read as YAML). The ``mesh``
+section lays the run over the devices (``dsv2_jax.sharding``): ``data`` (replicated
+parameters), ``fsdp`` (parameters and optimizer state split along the hidden size) and
+``expert`` (routed experts split over devices); batches are split over all three. A multi-process
+run starts the same command in every process with ``--coordinator HOST:PORT --num-processes N
+--process-id I`` (or DSV2_COORDINATOR / DSV2_NUM_PROCESSES / DSV2_PROCESS_ID); every process
+reads the same data, process 0 alone writes the run directory's files, metrics and messages,
+and the Orbax checkpoints are written by all of them together (each its own shards). A run directory
 holds config.yaml, model_config.json, tokenizer/, checkpoints/, metrics.jsonl and tb/; when it
 already has checkpoints the run resumes from the latest one (``--resume`` insists on it).
 Exit status: 0 done, 2 bad config / data (one line on stderr, before anything is compiled),
@@ -24,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrainConfig, check_data_axis, load_config
+from .config import ConfigError, TrainConfig, check_data_axis, load_config, mesh_sizes
 
 RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision")
 
@@ -53,13 +61,35 @@ class Training:
         return {k: v.reshape(self.accum, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
+def _place(tree, shardings):
+    """Put every leaf at its sharding; leaves already there (a model built or loaded straight
+    into its shardings, possibly spanning processes) are kept as they are."""
+    import jax
+
+    from dsv2_jax import sharding
+
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim):
+            return x
+        return sharding.put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def make_training(cfg: TrainConfig, model, mesh) -> Training:
-    """Split the model, build optimizer, state (placed on the mesh) and the jitted steps."""
+    """Split the model, build optimizer, state (placed on the mesh) and the jitted steps.
+
+    ``model`` may be plain (host or one device) or already sharded (``build.build_model`` with
+    the mesh); its MoE layers are pointed at ``mesh`` (``sharding.set_expert_mesh``), its
+    parameters and the AdamW moments laid out by ``dsv2_jax.sharding.tree_shardings``. The
+    model's parameter arrays move into ``Training.state`` (donated): do not use it afterwards.
+    """
     import jax
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from dsv2_jax import sharding
     from dsv2_jax.train import lr_schedule, make_optimizer
-    from dsv2_jax.train.parallel import param_shardings, state_shardings
     from dsv2_jax.train.step import init_state, make_eval_step, make_train_step
 
     s, o = cfg.schedule, cfg.optimizer
@@ -67,16 +97,30 @@ def make_training(cfg: TrainConfig, model, mesh) -> Training:
                            decay_points=s.decay_points, decay_factor=s.decay_factor)
     tx = make_optimizer(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                         clip_norm=o.clip_norm, eps=o.eps)
+    sharding.set_expert_mesh(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(params, param_shardings(params, mesh))
-    state = init_state(params, tx, cfg.seed)
-    state = jax.device_put(state, state_shardings(state, mesh))
+    param_sh = sharding.tree_shardings(params, mesh)
+    params = _place(params, param_sh)
+    rest = _place(rest, sharding.tree_shardings(rest, mesh))
+
+    def init(p):
+        return init_state(p, tx, cfg.seed)
+
+    state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh)
+    # donated: the parameters move into the state instead of being copied (``model``'s arrays
+    # are consumed; callers drop the model)
+    state = jax.jit(init, out_shardings=state_sh, donate_argnums=0)(params)
+    del params
     step = make_train_step(graphdef, rest, tx, schedule, model.config, remat=cfg.remat.policy,
-                           document_mask=cfg.data.document_mask, nan_at_step=cfg.debug.nan_at_step)
+                           document_mask=cfg.data.document_mask, nan_at_step=cfg.debug.nan_at_step,
+                           param_shardings=param_sh)
     evaluate = make_eval_step(graphdef, rest, document_mask=cfg.data.document_mask)
     accum = cfg.batch.accum_steps(mesh.size)
-    return Training(model.config, mesh, graphdef, rest, schedule, tx, state,
-                    jax.jit(step, donate_argnums=0), jax.jit(evaluate), accum)
+    replicated = NamedSharding(mesh, P())  # metrics: readable by every process
+    step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, replicated))
+    eval_fn = jax.jit(evaluate, out_shardings=replicated)
+    return Training(model.config, mesh, graphdef, rest, schedule, tx, state, step_fn, eval_fn,
+                    accum)
 
 
 # ---------------------------------------------------------------------------
@@ -106,8 +150,29 @@ def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
                               f"section; use a new run_dir")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a process reading ``path`` at the same time
+    (a resumed multi-process run checks config.yaml) sees the old or the new file, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _is_finite(*xs) -> bool:
     return all(math.isfinite(float(x)) for x in xs)
+
+
+class _Quiet:
+    """The MetricsLogger of processes other than 0: writes nothing."""
+
+    def write(self, record) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -115,13 +180,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     import jax
     import numpy as np
 
+    from dsv2_jax import sharding
     from dsv2_jax.train.data import Batches, load_corpus, heldout_batches
     from dsv2_jax.train.flops import param_counts
-    from dsv2_jax.train.parallel import make_mesh, put_batch
+    from dsv2_jax.train.parallel import put_batch
 
     from . import build
     from .checkpoints import Checkpoints
     from .metrics import MetricsLogger, truncate_after
+
+    lead = jax.process_index() == 0  # the process that writes files and messages
+
+    def say(msg: str) -> None:
+        if lead:
+            print(msg, file=sys.stderr)
 
     if cfg.precision.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", cfg.precision.matmul_precision)
@@ -136,7 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     # ---- everything that can be wrong with the config or the data, before compiling ----
     run_dir.mkdir(parents=True, exist_ok=True)
     model_cfg, init_folder = build.model_config(cfg)
-    tok = build.prepare_tokenizer(cfg, init_folder, run_dir)
+    sizes = mesh_sizes(cfg, jax.device_count(), model_cfg.n_routed_experts)
+    tok = build.prepare_tokenizer(cfg, init_folder, run_dir, write=lead)
     model_cfg = build.check_model_against_data(cfg, model_cfg, tok, fresh=init_folder is None)
     d = cfg.data
     corpus = load_corpus(d.train, tok, fmt=d.format, heldout_fraction=d.heldout_fraction,
@@ -145,9 +218,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     batches = Batches(corpus.train, d.seq_len, cfg.batch.global_batch, cfg.seed, d.shuffle,
                       name="data.train")
     try:
-        mesh = make_mesh(cfg.mesh.data)
+        mesh = sharding.make_mesh(**sizes)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"mesh: {e}") from None
     check_data_axis(cfg, mesh.size)
     eval_batches = []
     if cfg.eval.every:
@@ -156,13 +229,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if not eval_batches:
             raise ConfigError(f"data.heldout_fraction = {d.heldout_fraction}: the held-out text "
                               f"({len(corpus.heldout)} tokens) is shorter than one eval batch")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / build.RUN_MODEL_CONFIG).write_text(json.dumps(model_cfg.to_dict(), indent=1))
+    if lead:
+        _write_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_atomic(run_dir / build.RUN_MODEL_CONFIG, json.dumps(model_cfg.to_dict(), indent=1))
 
     # ---- build, restore, compile ----
     total = cfg.total_steps
     init = None if has_ckpt else init_folder  # a resumed run's weights come from its checkpoint
-    model = build.build_model(cfg, model_cfg, init)
+    model = build.build_model(cfg, model_cfg, init, mesh=mesh)
     t = make_training(cfg, model, mesh)
     del model
     ckpts = Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -172,17 +246,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         start = ckpts.latest_step()
         state, data_state = ckpts.restore(start, state)
         batches.restore(data_state)
-        print(f"resumed from {ckpt_dir / str(start)} (step {start} of {total})", file=sys.stderr)
-    truncate_after(run_dir, start)
+        say(f"resumed from {ckpt_dir / str(start)} (step {start} of {total})")
+    if lead:
+        truncate_after(run_dir, start)
     counts = param_counts(model_cfg)
     tokens_per_step = cfg.tokens_per_step
-    print(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
-          f"per token; {corpus.n_documents} documents, {len(corpus.train)} training tokens; "
-          f"{tokens_per_step} tokens/step = {t.accum} x {cfg.batch.micro_batch} x {mesh.size} "
-          f"device(s) x {d.seq_len}; {total} steps", file=sys.stderr)
+    layout = ", ".join(f"{k} {v}" for k, v in mesh.shape.items() if v > 1) or "one device"
+    procs = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
+        f"per token; {corpus.n_documents} documents, {len(corpus.train)} training tokens; "
+        f"{tokens_per_step} tokens/step = {t.accum} x {cfg.batch.micro_batch} x {mesh.size} "
+        f"device(s) x {d.seq_len}; mesh: {layout}{procs}; {total} steps")
 
     if start >= total:
-        print(f"{run_dir}: already trained to step {start}; nothing to do", file=sys.stderr)
+        say(f"{run_dir}: already trained to step {start}; nothing to do")
         ckpts.close()
         return {"start_step": start, "last_step": start}
 
@@ -193,10 +270,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     batch, data_state = next_batch()
     t0 = time.perf_counter()
     step_fn = t.step_fn.lower(state, batch).compile()
-    print(f"compiled the train step in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
-    log = MetricsLogger(run_dir, total_steps=total, start_step=start,
-                        tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    log = (MetricsLogger(run_dir, total_steps=total, start_step=start,
+                         tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+           if lead else _Quiet())
     moe_layers = [i for i in range(model_cfg.num_hidden_layers) if model_cfg.is_moe_layer(i)]
     last_saved = ckpts.latest_step()
     window_t, window_n = 0.0, 0
@@ -263,7 +341,28 @@ def parse_args(argv=None):
                    help="override a config value, e.g. schedule.total_steps=100")
     p.add_argument("--resume", action="store_true",
                    help="resume from the run directory's latest checkpoint (an error if none)")
+    p.add_argument("--coordinator", help="jax.distributed coordinator host:port: a multi-process "
+                                         "run (default: DSV2_COORDINATOR, else one process)")
+    p.add_argument("--num-processes", type=int, help="processes in the run (DSV2_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process, 0..N-1 (DSV2_PROCESS_ID)")
     return p.parse_args(argv)
+
+
+def join_processes(coordinator=None, num_processes=None, process_id=None) -> None:
+    """``dsv2_jax.distributed.initialize`` when a coordinator is given (flag or
+    DSV2_COORDINATOR); a single-process run otherwise. Must run before JAX touches a device."""
+    import os
+
+    if coordinator or os.environ.get("DSV2_COORDINATOR"):
+        from dsv2_jax.distributed import initialize
+
+        try:
+            initialize(coordinator, num_processes, process_id)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif num_processes is not None or process_id is not None:
+        raise ConfigError("--num-processes / --process-id: a multi-process run also needs "
+                          "--coordinator HOST:PORT (or DSV2_COORDINATOR)")
 
 
 def main(argv=None) -> int:
@@ -274,6 +373,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        join_processes(args.coordinator, args.num_processes, args.process_id)
         summary = train(cfg, resume=args.resume)
     except (ConfigError, ModelConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -281,7 +381,9 @@ def main(argv=None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if summary.get("first_loss") is not None:
+    import jax
+
+    if summary.get("first_loss") is not None and jax.process_index() == 0:
         print(f"done: steps {summary['start_step'] + 1}..{summary['last_step']}, loss "
               f"{summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; run directory "
               f"{cfg.run_dir}", file=sys.stderr)

@@ -1,61 +1,54 @@
-"""Where training state and batches live on the device mesh.
+"""Where training state and batches live on the device mesh: the training side of
+:mod:`dsv2_jax.sharding`.
 
-Today: pure data parallelism. The mesh has a ``data`` axis over all devices; batches are split
-along their sequence axis over ``data``; parameters and optimizer state are replicated, and
-XLA all-reduces the gradients. Expert-parallel and FSDP layouts plug in here and nowhere else:
-:func:`make_mesh` grows the ``fsdp`` / ``expert`` axes, and :func:`param_shardings` /
-:func:`state_shardings` return a ``NamedSharding`` per leaf from ``dsv2_jax.sharding``'s
-logical-axis rules (``tree_shardings``: AdamW moments follow their parameters) instead of the
-replicated one; the jitted step then runs on sharded state unchanged (the MoE layers also need
-``set_expert_mesh`` on the model before it is split). ``mesh.expert`` / ``mesh.fsdp`` > 1 are
-refused by the config until then.
+The mesh has the axes ``("data", "fsdp", "expert")`` (``make_mesh``). Parameters and the AdamW
+moments follow ``dsv2_jax.sharding``'s logical-axis rules (``tree_shardings``: replicated over
+``data``, the hidden-size axis split over ``fsdp``, routed experts split over ``expert``; a
+moment gets the sharding of its parameter); the step counter and RNG key are replicated.
+Batches are split along their sequence axis over every mesh axis, so each device runs its own
+rows and XLA reduces the gradients; the MoE layers bring the tokens to their experts
+(``sharding.set_expert_mesh`` on the model before it is split, as ``train.run`` does).
 
 Example::
 
-    mesh = make_mesh(data=-1)
-    params = jax.device_put(params, param_shardings(params, mesh))
-    batch = put_batch(numpy_batch, mesh)     # [A, B, T] arrays, B split over "data"
+    mesh = make_mesh(data=2, expert=2)                  # 4 devices
+    params = sharding.put(params, param_shardings(params, mesh))
+    batch = put_batch(numpy_batch, mesh)                # [A, B, T] arrays, B split over the mesh
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
-DATA = "data"
+from .. import sharding
+
+DATA = sharding.DATA
 
 
-def make_mesh(data: int = -1) -> Mesh:
-    """A 1-axis mesh ``("data",)``; ``data=-1`` uses every device."""
-    n = jax.device_count()
-    if data == -1:
-        data = n
-    if data != n:
-        raise ValueError(f"mesh.data = {data}: this run sees {n} devices; data parallelism over "
-                         f"a subset is not supported (use -1 or {n})")
-    return jax.make_mesh((data,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1) -> Mesh:
+    """The ``("data", "fsdp", "expert")`` mesh over every device (of every process); one size
+    may be -1 (the devices left over). See :func:`dsv2_jax.sharding.make_mesh`."""
+    return sharding.make_mesh(data, fsdp, expert)
 
 
 def param_shardings(params, mesh: Mesh):
-    """One sharding per parameter leaf: replicated (pure data parallelism).
-
-    The seam for expert-parallel / FSDP: map each parameter path to a PartitionSpec here.
-    """
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: replicated, params)
+    """One NamedSharding per parameter leaf, from ``dsv2_jax.sharding.RULES``."""
+    return sharding.tree_shardings(params, mesh)
 
 
 def state_shardings(state, mesh: Mesh):
-    """Shardings for a whole TrainState: optimizer moments follow their parameters."""
-    replicated = NamedSharding(mesh, P())
-    return jax.tree.map(lambda _: replicated, state)
+    """Shardings for a whole TrainState (or its ``jax.eval_shape``): optimizer moments follow
+    their parameters; the step counter and RNG key are replicated."""
+    return sharding.tree_shardings(state, mesh)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int = 3, n: int | None = None) -> NamedSharding:
     """Batches of sequences: the sequence axis (second to last; [A, B, T] micro-batched or
-    [B, T]) split over the data axis."""
-    return NamedSharding(mesh, P(*([None] * (ndim - 2)), DATA, None))
+    [B, T]) split over the mesh (``sharding.batch_spec``; axes that do not divide ``n``, the
+    number of sequences, are dropped)."""
+    return sharding.batch_sharding(mesh, n, dim=ndim - 2)
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -67,6 +60,6 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """
     out = {}
     for k, v in batch.items():
-        sharding = batch_sharding(mesh, v.ndim)
-        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+        s = batch_sharding(mesh, v.ndim, v.shape[v.ndim - 2])
+        out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
     return out

@@ -99,7 +99,7 @@ def _micro_loss(model, cfg, mb, n_total, accum, remat, document_mask):
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
                     schedule: Callable, config, *, remat: str = "none", document_mask: bool = True,
-                    nan_at_step: int | None = None):
+                    nan_at_step: int | None = None, param_shardings=None):
     """``step(state, batch) -> (state, metrics)``; batch arrays are [A, B_micro, T].
 
     ``config`` is the model's DeepseekV2Config (its aux_loss_alpha / seq_aux set the balance loss).
@@ -113,6 +113,10 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
     The batch is a dict of [A, B, T] arrays (``dsv2_jax.train.data.pack_rows`` gives [B, T]):
     inputs, targets, loss_mask, segments (document number within the row), positions. The
     balance loss treats each packed row as one sequence (DESIGN.md §2's T is the row length).
+
+    ``param_shardings`` (a NamedSharding per parameter, ``dsv2_jax.sharding.tree_shardings``)
+    pins the float32 gradient accumulator to the parameters' layout, so FSDP / expert-sharded
+    runs never hold a full copy of the gradients; it does not change the values.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
@@ -135,9 +139,13 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
             grads, loss, ce, bal, loads = carry
             (l, (c, b, ld)), g = grad_fn(state.params, mb)
             grads = jax.tree.map(jnp.add, grads, g)
+            if param_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, param_shardings)
             return (grads, loss + l, ce + c, bal + b, loads + ld), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        if param_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
         n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
         n_exp = max(config.n_routed_experts, 1)
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0),
