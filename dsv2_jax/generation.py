@@ -43,6 +43,7 @@ class GenerationResult:
     finish_reasons: list[str]  # "eos", "stop" or "length"
     prefill_s: float
     decode_s: float
+    compiled: bool  # this call compiled prefill or decode: its timings include compilation
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
 
@@ -178,6 +179,7 @@ class _Session:
                            vocab_limit=int(min(cfg.vocab_size, tokenizer.vocab_size)
                                            if tokenizer is not None else cfg.vocab_size))
         t0 = time.perf_counter()
+        compiled_before = _prefill_chunk._cache_size()
         chunk = min(p, PREFILL_CHUNK)
         slots = np.arange(s)
         for start in range(0, p, chunk):
@@ -191,6 +193,7 @@ class _Session:
                                            cache, jnp.int32(start))
         logits.block_until_ready()
         self.prefill_s = time.perf_counter() - t0
+        self.compiled = _prefill_chunk._cache_size() > compiled_before
         carry = dict(cache=cache, logits=logits, key=jax.random.key(params.seed),
                      tokens=jnp.zeros((b, max_new_tokens), jnp.int32), done=jnp.zeros((b,), bool),
                      step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad))
@@ -201,9 +204,11 @@ class _Session:
 
     def run_loop(self):
         t0 = time.perf_counter()
+        compiled_before = _decode_loop._cache_size()
         self.carry = _decode_loop(self.graphdef, self.state, self.carry, max_new=self.max_new, **self.static)
         self.carry["tokens"].block_until_ready()
         self.decode_s = time.perf_counter() - t0
+        self.compiled |= _decode_loop._cache_size() > compiled_before
 
     def step(self) -> np.ndarray:
         self.carry = decode_step(self.graphdef, self.state, self.carry, **self.static)
@@ -259,7 +264,7 @@ def generate(model, tokenizer=None, *, prompts: str | Sequence[str] | None = Non
     n_new = len(rows) * steps
     return GenerationResult(
         texts=texts, token_ids=ids, prompt_ids=rows, finish_reasons=reasons,
-        prefill_s=sess.prefill_s, decode_s=sess.decode_s,
+        prefill_s=sess.prefill_s, decode_s=sess.decode_s, compiled=sess.compiled,
         prefill_tokens_per_s=n_prompt / max(sess.prefill_s, 1e-9),
         decode_tokens_per_s=n_new / max(sess.decode_s, 1e-9),
     )
@@ -294,9 +299,12 @@ def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterat
     dec = StreamDecoder(tokenizer)
     eos, text, held, new_ids, reason = sess.static["eos_id"], "", "", [], "length"
     stop = [s for s in (stop or []) if s]
+    compiled_before = decode_step._cache_size()
     t0 = time.perf_counter()
+    t_first = None  # end of the first step, which may include compiling the step
     for _ in range(max_new_tokens):
         token = int(sess.step()[0])
+        t_first = t_first or time.perf_counter()
         if token == eos and not sess.static["ignore_eos"]:
             reason = "eos"
             break
@@ -322,9 +330,14 @@ def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterat
         held += dec.flush()
     if held:
         yield held
-    decode_s = time.perf_counter() - t0
+    end = time.perf_counter()
+    decode_compiled = decode_step._cache_size() > compiled_before
     if stats is not None:
+        # With a compiled first step, the rate is that of the steps after it (steady state).
+        steps, span = ((len(new_ids) - 1, end - t_first) if decode_compiled and len(new_ids) > 1
+                       else (len(new_ids), end - t0))
         stats.update(token_ids=new_ids, prompt_ids=rows[0], finish_reason=reason,
-                     prefill_s=sess.prefill_s, decode_s=decode_s,
+                     prefill_s=sess.prefill_s, decode_s=end - t0,
+                     compiled=sess.compiled or decode_compiled,
                      prefill_tokens_per_s=len(rows[0]) / max(sess.prefill_s, 1e-9),
-                     decode_tokens_per_s=len(new_ids) / max(decode_s, 1e-9))
+                     decode_tokens_per_s=steps / max(span, 1e-9))

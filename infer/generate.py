@@ -60,8 +60,9 @@ def _sampling(args) -> dict:
 
 
 def _report(stats: dict) -> None:
+    note = " (prefill includes compilation)" if stats.get("compiled") else ""
     print(f"\n[prefill {stats['prefill_tokens_per_s']:.1f} tok/s, "
-          f"decode {stats['decode_tokens_per_s']:.1f} tok/s]", file=sys.stderr)
+          f"decode {stats['decode_tokens_per_s']:.1f} tok/s{note}]", file=sys.stderr)
 
 
 def _mesh(args):
@@ -129,7 +130,8 @@ def run(args) -> int:
                               "text": out.texts[0], "finish_reason": out.finish_reasons[0],
                               "prefill_tokens_per_s": out.prefill_tokens_per_s,
                               "decode_tokens_per_s": out.decode_tokens_per_s,
-                              "prefill_s": out.prefill_s, "decode_s": out.decode_s},
+                              "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                              "includes_compilation": out.compiled},
                              ensure_ascii=False))
         return 0
     stats: dict = {}
