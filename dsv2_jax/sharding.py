@@ -144,7 +144,8 @@ def spec(logical: Sequence[str | None], shape: Sequence[int], mesh,
     return P(*out)
 
 
-def _names(path) -> list[str]:
+def path_names(path) -> list[str]:
+    """The names along a pytree key path (dict keys, attributes, indices), as strings."""
     names = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -162,7 +163,7 @@ def param_logical_axes(path, ndim: int) -> tuple[str | None, ...] | None:
     ``path`` is a key path (``jax.tree_util`` keys or plain names) ending in the parameter's
     module and leaf, e.g. ``('layers', 1, 'mlp', 'experts_up_proj', 'weight')``.
     """
-    names = _names(path) if path and not isinstance(path[0], (str, int)) else [str(p) for p in path]
+    names = path_names(path) if path and not isinstance(path[0], (str, int)) else [str(p) for p in path]
     if len(names) < 2 or names[-1] not in _LEAVES:
         return None
     module = names[-2]

@@ -14,15 +14,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-
-def _path_names(path) -> list[str]:
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(str(getattr(key, attr)))
-                break
-    return names
+from ..sharding import path_names as _path_names
 
 
 def decay_mask(params: Any) -> Any:
