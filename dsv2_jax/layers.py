@@ -33,10 +33,10 @@ def as_dtype(dtype: DTypeLike | None, default=jnp.float32) -> jnp.dtype:
 def tie_to(x: jax.Array, a: jax.Array) -> jax.Array:
     """``a`` plus a zero computed from ``x``: the same values, but data-dependent on ``x``.
 
-    Packed AWQ weights are unpacked from their scales; tying the (small) scales to a layer's
-    input keeps XLA from unpacking every layer's weights before the first layer runs and
-    holding them all at once (``optimization_barrier`` is stripped by XLA's CPU pipeline).
-    Float ``x * 0`` is not folded away, as it would change NaN/Inf semantics.
+    Tying a layer's packed AWQ words to its input keeps XLA from unpacking every layer's
+    weights before the first layer runs (or out of a decode loop, as loop-invariant code)
+    and holding them all at once; ``optimization_barrier`` is stripped by XLA's CPU
+    pipeline. Float ``x * 0`` is not folded away, as it would change NaN/Inf semantics.
     """
     zero = jax.lax.stop_gradient(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
     return a + zero.astype(a.dtype)
@@ -70,7 +70,13 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), init_std, param_dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        table = self.embedding[...]
+        if table.dtype.itemsize == 2:
+            # Gather 16-bit rows as integers: XLA's CPU backend otherwise widens the whole
+            # table to float32 for the gather (and hoists that copy out of decode loops).
+            rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+            return jax.lax.bitcast_convert_type(rows, table.dtype).astype(self.dtype)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
 class Linear(nnx.Module):
@@ -104,8 +110,8 @@ class Linear(nnx.Module):
         them all alive at once."""
         from .quant.awq import AWQWeight
 
-        scales = self.scales[...] if after is None else tie_to(after, self.scales[...])
-        return AWQWeight(self.qweight[...], self.qzeros[...], scales, group_size=self.group_size,
+        qweight = self.qweight[...] if after is None else tie_to(after, self.qweight[...])
+        return AWQWeight(qweight, self.qzeros[...], self.scales[...], group_size=self.group_size,
                          in_features=self.in_features, out_features=self.out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:

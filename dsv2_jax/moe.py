@@ -203,7 +203,7 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     """
     n, k = topk_idx.shape
     # Packed experts are unpacked only once this layer's input exists (see layers.tie_to).
-    w_gate, w_up, w_down = (w if isinstance(w, jax.Array) else dataclasses.replace(w, scales=tie_to(x, w.scales))
+    w_gate, w_up, w_down = (w if isinstance(w, jax.Array) else dataclasses.replace(w, qweight=tie_to(x, w.qweight))
                             for w in (w_gate, w_up, w_down))
     flat_expert = topk_idx.reshape(-1)  # [N*K]
     flat_weight = topk_weight.reshape(-1)
