@@ -26,6 +26,28 @@ import os
 import jax
 
 
+def add_arguments(parser) -> None:
+    """The --coordinator / --num-processes / --process-id flags shared by the programs."""
+    parser.add_argument("--coordinator", help="jax.distributed coordinator host:port: a multi-process "
+                                              "run (default: DSV2_COORDINATOR, else one process)")
+    parser.add_argument("--num-processes", type=int, help="processes in the run (DSV2_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="this process, 0..N-1 (DSV2_PROCESS_ID)")
+
+
+def join(coordinator: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> bool:
+    """Join a multi-process run when a coordinator is given (argument or DSV2_COORDINATOR);
+    otherwise stay a single process. Returns whether this is a multi-process run. Must run
+    before JAX touches a device."""
+    if coordinator or os.environ.get("DSV2_COORDINATOR"):
+        initialize(coordinator, num_processes, process_id)
+        return True
+    if num_processes is not None or process_id is not None:
+        raise ValueError("--num-processes / --process-id: a multi-process run also needs "
+                         "--coordinator HOST:PORT (or DSV2_COORDINATOR)")
+    return False
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
     """Join the run. Arguments fall back to DSV2_COORDINATOR / DSV2_NUM_PROCESSES /

@@ -201,6 +201,7 @@ class _Session:
             valid = jnp.asarray(np.arange(p)[None, :] >= pad[:, None])
             carry["seen"] = seen_mask_from_tokens(jnp.asarray(ids), cfg.vocab_size, valid)
         self.carry = carry
+        self.steps_done = 0
 
     def run_loop(self):
         t0 = time.perf_counter()
@@ -211,8 +212,10 @@ class _Session:
         self.compiled |= _decode_loop._cache_size() > compiled_before
 
     def step(self) -> np.ndarray:
+        """One decode step; returns its tokens [B] (one host sync per step)."""
         self.carry = decode_step(self.graphdef, self.state, self.carry, **self.static)
-        return np.asarray(self.carry["tokens"][:, int(self.carry["step"]) - 1])
+        self.steps_done += 1  # counted on the host: reading carry["step"] would sync again
+        return np.asarray(self.carry["tokens"][:, self.steps_done - 1])
 
 
 def _finish(rows, tokens, steps, eos_id, ignore_eos, tokenizer, stop) -> tuple[list, list, list]:

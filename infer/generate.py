@@ -46,10 +46,9 @@ def parse_args(argv=None):
                    help="split the routed experts over N devices (must divide n_routed_experts)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N",
                    help="split every weight's hidden-size axis over N devices")
-    p.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-process "
-                                         "runs; default DSV2_COORDINATOR)")
-    p.add_argument("--num-processes", type=int, help="processes in the run (DSV2_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="this process, 0..N-1 (DSV2_PROCESS_ID)")
+    from dsv2_jax.distributed import add_arguments
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -68,20 +67,13 @@ def _report(stats: dict) -> None:
 def _mesh(args):
     """The mesh to load into, or None (one device): --expert / --fsdp > 1, or a multi-process
     run (jax.distributed initialized here first)."""
-    import os
-
     for flag, n in (("--expert", args.expert), ("--fsdp", args.fsdp)):
         if n < 1:
             raise ValueError(f"{flag} = {n}: expected a positive integer")
-    coordinator = args.coordinator or os.environ.get("DSV2_COORDINATOR")
-    if coordinator:
-        from dsv2_jax.distributed import initialize
+    from dsv2_jax.distributed import join
 
-        initialize(args.coordinator, args.num_processes, args.process_id)
-    elif args.num_processes is not None or args.process_id is not None:
-        raise ValueError("--num-processes / --process-id: a multi-process run also needs "
-                         "--coordinator HOST:PORT (or DSV2_COORDINATOR)")
-    if args.expert == 1 and args.fsdp == 1 and not coordinator:
+    multi_process = join(args.coordinator, args.num_processes, args.process_id)
+    if args.expert == 1 and args.fsdp == 1 and not multi_process:
         return None
     from dsv2_jax import sharding
 

@@ -341,28 +341,21 @@ def parse_args(argv=None):
                    help="override a config value, e.g. schedule.total_steps=100")
     p.add_argument("--resume", action="store_true",
                    help="resume from the run directory's latest checkpoint (an error if none)")
-    p.add_argument("--coordinator", help="jax.distributed coordinator host:port: a multi-process "
-                                         "run (default: DSV2_COORDINATOR, else one process)")
-    p.add_argument("--num-processes", type=int, help="processes in the run (DSV2_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="this process, 0..N-1 (DSV2_PROCESS_ID)")
+    from dsv2_jax.distributed import add_arguments
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
 def join_processes(coordinator=None, num_processes=None, process_id=None) -> None:
     """``dsv2_jax.distributed.initialize`` when a coordinator is given (flag or
     DSV2_COORDINATOR); a single-process run otherwise. Must run before JAX touches a device."""
-    import os
+    from dsv2_jax.distributed import join
 
-    if coordinator or os.environ.get("DSV2_COORDINATOR"):
-        from dsv2_jax.distributed import initialize
-
-        try:
-            initialize(coordinator, num_processes, process_id)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    elif num_processes is not None or process_id is not None:
-        raise ConfigError("--num-processes / --process-id: a multi-process run also needs "
-                          "--coordinator HOST:PORT (or DSV2_COORDINATOR)")
+    try:
+        join(coordinator, num_processes, process_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(argv=None) -> int:
