@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv2_jax import kernels
-from dsv2_jax.quant import dispatch
+from dsv2_jax.quant import ops
 from dsv2_jax.quant.awq import AWQWeight
 
 GROUP_SIZE = 64  # V2(-Lite) AWQ checkpoints (DESIGN.md §4)
@@ -107,7 +107,7 @@ def bench_linears(rows, reps, impl, deadline):
             deq = time_op(lambda x, w: jnp.dot(
                 x, kernels.awq_dequant(w, x.dtype, implementation=impl),
                 preferred_element_type=jnp.float32).astype(x.dtype), x, w, reps=reps)
-            picked = fused if m <= dispatch.FUSED_MAX_ROWS else deq
+            picked = fused if m <= ops.FUSED_MAX_ROWS else deq
             print(f"{name:<11}{m:>5} | {fmt(dense, 2 * k * n + io)} | {fmt(fused, w.nbytes + io)} |"
                   f" {fmt(deq, w.nbytes + io)} | {fmt(picked, w.nbytes + io)} | {dense / picked:5.2f}x")
 
@@ -169,7 +169,7 @@ def main(argv=None):
     reps = args.reps or (50 if backend == "gpu" else 2)
     rows = [int(r) for r in args.rows.split(",")]
     print(f"backend {backend} ({jax.devices()[0].device_kind}), kernels: {impl}, reps {reps}, "
-          f"group size {GROUP_SIZE}, FUSED_MAX_ROWS {dispatch.FUSED_MAX_ROWS}")
+          f"group size {GROUP_SIZE}, FUSED_MAX_ROWS {ops.FUSED_MAX_ROWS}")
     deadline = time.perf_counter() + TIME_BUDGET_S
     bench_linears(rows, reps, impl, deadline)
     bench_experts(rows, reps, impl, deadline)

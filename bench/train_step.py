@@ -12,7 +12,7 @@ by a fixed long one (the learning rate does not change a step's cost).
 
 MFU = 6 · N_active · tokens/s / peak FLOP/s, N_active = the weights one token multiplies
 (routed experts scaled by K/E, embedding table excluded; attention's score FLOPs excluded, see
-dsv2_jax/train/flops.py). The peak is the device's dense bf16 figure, from ``--peak-tflops`` or
+dsv2_jax/training/flops.py). The peak is the device's dense bf16 figure, from ``--peak-tflops`` or
 a table of known device kinds; without one (CPUs) MFU is not printed.
 """
 
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from dsv2_jax import DeepseekV2
-    from dsv2_jax.train.flops import param_counts
-    from dsv2_jax.train.parallel import make_mesh, put_batch
-    from train.config import ConfigError, check_data_axis, load_config
+    from dsv2_jax.sharding import make_mesh, put_batch
+    from dsv2_jax.training.config import ConfigError, check_data_axis, load_config
+    from dsv2_jax.training.flops import param_counts
     from train.run import make_training
 
     try:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     prec = cfg.precision
     model = DeepseekV2(model_cfg, rngs=nnx.Rngs(cfg.seed), param_dtype=prec.param_dtype,
-                       dtype=prec.compute_dtype)
+                       dtype=prec.compute_dtype, mesh=mesh)
     t = make_training(cfg, model, mesh)
     del model
     g, seq = cfg.batch.global_batch, cfg.data.seq_len

@@ -7,12 +7,12 @@ Example::
     logits = model(jnp.array([[100000, 2054, 318]]))   # float32 [1, 3, 102400]
 """
 
-from .checkpoint import CheckpointError, load, save
 from .config import ConfigError, DeepseekV2Config, QuantConfig, RopeScaling
 from .generation import GenerationResult, generate, stream
 from .hub import HubError
+from .hub_format import CheckpointError, load, save
 from .model import DeepseekV2, ModelOutput
-from .quant.quantize import quantize
+from .quant.quantizer import quantize
 
 __all__ = [
     "CheckpointError", "ConfigError", "DeepseekV2", "DeepseekV2Config", "HubError",

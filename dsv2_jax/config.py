@@ -15,9 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json that this project cannot run, with the key that is wrong."""
+from .errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .cache import init_cache
+from .cache import KVCache, init_cache
+from .mla import AttentionMode
 from .sampling import SamplingParams, mark_seen, sample, seen_mask_from_tokens
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill call; bounds attention memory to chunk × cache
@@ -55,56 +56,74 @@ def bucket_length(n: int) -> int:
     return -(-n // PREFILL_CHUNK) * PREFILL_CHUNK
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What the on-device decode loop carries from one step to the next (a pytree)."""
+
+    cache: KVCache
+    logits: jax.Array  # [B, V] float32: the next token's logits
+    key: jax.Array  # PRNG key
+    tokens: jax.Array  # [B, max_new] int32: the tokens sampled so far
+    done: jax.Array  # [B] bool: the row has finished (EOS)
+    step: jax.Array  # int32: tokens sampled so far (per row)
+    slot: jax.Array  # int32: the cache slot the next token is written to
+    pad: jax.Array  # [B] int32: left padding of each row
+    seen: jax.Array | None = None  # [B, V] bool: tokens seen (for the repetition penalty)
+
+    def replace(self, **changes) -> DecodeState:
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=[f.name for f in dataclasses.fields(DecodeState)], meta_fields=[])
+
+
 # ---------------------------------------------------------------------------
 # jitted pieces (graphdef static: compiled once per model structure and shape)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill_chunk(graphdef, state, ids, positions, mask, cache, start):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("cache",))
+def _prefill_chunk(graphdef, state, ids, positions, mask, cache, start, *, mode: AttentionMode):
     model = nnx.merge(graphdef, state)
-    out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask,
+    out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask, mode=mode,
                         logits_slice=slice(-1, None))
     return out.logits[:, 0], out.cache
 
 
-def _decode_logits(model, cache, token, slot, pad):
+def _decode_logits(model, cache: KVCache, token, slot, pad):
     """One absorbed-MLA step for tokens [B] at cache slot ``slot``."""
-    s = cache[0][0].shape[1]
-    slots = jnp.arange(s)
+    slots = jnp.arange(cache.max_len)
     mask = (slots[None, :] <= slot) & (slots[None, :] >= pad[:, None])  # [B, S]
     out = model.forward(token[:, None], (slot - pad)[:, None], cache=cache, cache_index=slot,
-                        mask=mask[:, None, :], absorbed=True)
+                        mask=mask[:, None, :], mode=AttentionMode.LATENT)
     return out.logits[:, 0], out.cache
 
 
 def _loop_body(graphdef, params: SamplingParams, vocab_limit: int, eos_id: int, ignore_eos: bool,
-               state, carry):
+               state, carry: DecodeState) -> DecodeState:
     """Sample one token per row from the carried logits, record it, compute the next logits."""
     model = nnx.merge(graphdef, state)
-    logits = carry["logits"]
+    logits = carry.logits
     if vocab_limit < logits.shape[-1]:  # ids the tokenizer cannot decode are never sampled
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
-    key, sub = jax.random.split(carry["key"])
-    token = sample(logits, sub, params, carry.get("seen"))
-    done = carry["done"]
+    key, sub = jax.random.split(carry.key)
+    token = sample(logits, sub, params, carry.seen)
+    done = carry.done
     token = jnp.where(done, eos_id, token).astype(jnp.int32)
-    step = carry["step"]
-    tokens = jax.lax.dynamic_update_slice_in_dim(carry["tokens"], token[:, None], step, axis=1)
+    tokens = jax.lax.dynamic_update_slice_in_dim(carry.tokens, token[:, None], carry.step, axis=1)
     if not ignore_eos:
         done = done | (token == eos_id)
-    new = dict(carry, key=key, tokens=tokens, done=done, step=step + 1)
-    if "seen" in carry:
-        new["seen"] = mark_seen(carry["seen"], token)
-    new["logits"], new["cache"] = _decode_logits(model, carry["cache"], token, carry["slot"], carry["pad"])
-    new["slot"] = carry["slot"] + 1
-    return new
+    seen = mark_seen(carry.seen, token) if carry.seen is not None else None
+    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad)
+    return carry.replace(cache=cache, logits=logits, key=key, tokens=tokens, done=done,
+                         step=carry.step + 1, slot=carry.slot + 1, seen=seen)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "vocab_limit", "eos_id",
                                              "ignore_eos", "max_new"), donate_argnames=("carry",))
 def _decode_loop(graphdef, state, carry, *, params, vocab_limit, eos_id, ignore_eos, max_new):
     body = functools.partial(_loop_body, graphdef, params, vocab_limit, eos_id, ignore_eos, state)
-    cond = lambda c: (c["step"] < max_new) & ~jnp.all(c["done"])  # noqa: E731
+    cond = lambda c: (c.step < max_new) & ~jnp.all(c.done)  # noqa: E731
     return jax.lax.while_loop(cond, body, carry)
 
 
@@ -186,36 +205,39 @@ class _Session:
             q = np.arange(start, start + chunk)
             if start == 0:  # nothing cached yet: attend over the chunk itself
                 m = (slots[None, :chunk] <= q[:, None])[None] & (slots[:chunk] >= pad[:, None, None])
+                mode = AttentionMode.SELF
             else:
                 m = (slots[None, :] <= q[:, None])[None] & (slots >= pad[:, None, None])
+                mode = AttentionMode.CACHE
             logits, cache = _prefill_chunk(self.graphdef, self.state, jnp.asarray(ids[:, start:start + chunk]),
                                            jnp.asarray(positions[:, start:start + chunk]), jnp.asarray(m),
-                                           cache, jnp.int32(start))
+                                           cache, jnp.int32(start), mode=mode)
         logits.block_until_ready()
         self.prefill_s = time.perf_counter() - t0
         self.compiled = _prefill_chunk._cache_size() > compiled_before
-        carry = dict(cache=cache, logits=logits, key=jax.random.key(params.seed),
-                     tokens=jnp.zeros((b, max_new_tokens), jnp.int32), done=jnp.zeros((b,), bool),
-                     step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad))
+        seen = None
         if params.repetition_penalty != 1.0:
             valid = jnp.asarray(np.arange(p)[None, :] >= pad[:, None])
-            carry["seen"] = seen_mask_from_tokens(jnp.asarray(ids), cfg.vocab_size, valid)
-        self.carry = carry
+            seen = seen_mask_from_tokens(jnp.asarray(ids), cfg.vocab_size, valid)
+        self.carry = DecodeState(
+            cache=cache, logits=logits, key=jax.random.key(params.seed),
+            tokens=jnp.zeros((b, max_new_tokens), jnp.int32), done=jnp.zeros((b,), bool),
+            step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad), seen=seen)
         self.steps_done = 0
 
     def run_loop(self):
         t0 = time.perf_counter()
         compiled_before = _decode_loop._cache_size()
         self.carry = _decode_loop(self.graphdef, self.state, self.carry, max_new=self.max_new, **self.static)
-        self.carry["tokens"].block_until_ready()
+        self.carry.tokens.block_until_ready()
         self.decode_s = time.perf_counter() - t0
         self.compiled |= _decode_loop._cache_size() > compiled_before
 
     def step(self) -> np.ndarray:
         """One decode step; returns its tokens [B] (one host sync per step)."""
         self.carry = decode_step(self.graphdef, self.state, self.carry, **self.static)
-        self.steps_done += 1  # counted on the host: reading carry["step"] would sync again
-        return np.asarray(self.carry["tokens"][:, self.steps_done - 1])
+        self.steps_done += 1  # counted on the host: reading carry.step would sync again
+        return np.asarray(self.carry.tokens[:, self.steps_done - 1])
 
 
 def _finish(rows, tokens, steps, eos_id, ignore_eos, tokenizer, stop) -> tuple[list, list, list]:
@@ -259,8 +281,8 @@ def generate(model, tokenizer=None, *, prompts: str | Sequence[str] | None = Non
     rows = _prompt_ids(model, tokenizer, prompts, messages, prompt_ids, add_bos)
     sess = _Session(model, tokenizer, rows, max_new_tokens, params, ignore_eos)
     sess.run_loop()
-    steps = int(sess.carry["step"])
-    tokens = np.asarray(sess.carry["tokens"])
+    steps = int(sess.carry.step)
+    tokens = np.asarray(sess.carry.tokens)
     ids, texts, reasons = _finish(rows, tokens, steps, sess.static["eos_id"],
                                   sess.static["ignore_eos"], tokenizer, stop)
     n_prompt = sum(len(r) for r in rows)

@@ -6,12 +6,10 @@ import os
 import re
 from pathlib import Path
 
+from .errors import HubError
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.md", "tokenizer*"]
-
-
-class HubError(OSError):
-    """The hub could not give us the repo (offline, unknown repo, no access)."""
 
 
 def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:

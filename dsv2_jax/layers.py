@@ -1,8 +1,9 @@
-"""Basic layers: RMSNorm, the embedding, and the one linear seam.
+"""Basic layers: RMSNorm, the embedding, and the linear seam.
 
-Model code calls ``Linear`` (and ``ExpertWeights`` for the stacked routed experts)
-whatever the storage: dense ``[in, out]`` arrays, or AWQ 4-bit packed weights that
-stay packed on the device and are dequantized inside the jitted step.
+Model code calls ``Linear`` (and ``expert_weights.ExpertWeights`` for the stacked routed
+experts) whatever the storage: dense ``[in, out]`` arrays, or AWQ 4-bit packed weights that
+stay packed on the device and are dequantized inside the jitted step (docs/awq.md). Only
+these two modules know about ``quant``; MLA, the MoE and the model never do.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
+from .quant.ops import awq_linear
 
 DTypeLike = jnp.dtype | str | type
 
@@ -46,7 +50,7 @@ class QuantizedWeight(nnx.Variable):
     """Packed integer weights and their scales: loaded, never trained."""
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
@@ -67,7 +71,7 @@ class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  dtype=jnp.float32, init_std: float = 0.02):
         self.dtype = dtype
-        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), init_std, param_dtype))
+        self.embedding = nnx.Param(normal_init(rngs, (vocab, dim), init_std, param_dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...]
@@ -95,10 +99,8 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.quantized = quant is not None
         if quant is None:
-            self.weight = nnx.Param(_normal(rngs, (in_features, out_features), init_std, param_dtype))
+            self.weight = nnx.Param(normal_init(rngs, (in_features, out_features), init_std, param_dtype))
         else:
-            from .quant.awq import empty_awq_arrays
-
             q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size)
             self.group_size = quant.group_size
             self.qweight, self.qzeros, self.scales = (
@@ -108,17 +110,20 @@ class Linear(nnx.Module):
         """The packed weight; with ``after`` (an array), tied so it is unpacked only once
         ``after`` exists: otherwise XLA may unpack every layer's weights up front and keep
         them all alive at once."""
-        from .quant.awq import AWQWeight
-
         qweight = self.qweight[...] if after is None else tie_to(after, self.qweight[...])
         return AWQWeight(qweight, self.qzeros[...], self.scales[...], group_size=self.group_size,
                          in_features=self.in_features, out_features=self.out_features)
 
+    def dense_weight(self, dtype, after=None) -> jax.Array:
+        """The weight as a dense ``[in, out]`` array in ``dtype`` (AWQ: dequantized through
+        float32, tied to ``after`` as in :meth:`awq_weight`)."""
+        if self.quantized:
+            return dequantize(self.awq_weight(after=after), jnp.float32).astype(dtype)
+        return self.weight[...].astype(dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         if self.quantized:
-            from .quant.dispatch import awq_linear
-
             return awq_linear(x, self.awq_weight(after=x)).astype(self.dtype)
         w = self.weight[...].astype(self.dtype)
         if x.dtype != jnp.float32 and w.size * 4 > _CPU_UPCAST_LIMIT and jax.default_backend() == "cpu":
@@ -142,33 +147,3 @@ def _dot_in_column_chunks(x: jax.Array, w: jax.Array) -> jax.Array:
 
     y = jax.lax.map(one, jnp.arange(n // chunk))  # [chunks, ..., chunk]
     return jnp.moveaxis(y, 0, -2).reshape(*x.shape[:-1], n)
-
-
-class ExpertWeights(nnx.Module):
-    """A stack of E matrices [E, in, out] for the routed experts (dense or AWQ)."""
-
-    def __init__(self, n: int, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32, init_std: float = 0.02, quant=None, name: str = ""):
-        if quant is not None and not quant.applies_to(name):
-            quant = None
-        self.n, self.in_features, self.out_features = n, in_features, out_features
-        self.quantized = quant is not None
-        if quant is None:
-            self.weight = nnx.Param(_normal(rngs, (n, in_features, out_features), init_std, param_dtype))
-        else:
-            from .quant.awq import empty_awq_arrays
-
-            q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size, stack=n)
-            self.group_size = quant.group_size
-            self.qweight, self.qzeros, self.scales = (
-                QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
-
-    def stacked(self):
-        """The weight as the grouped matmul wants it: a dense array or an AWQWeight."""
-        if not self.quantized:
-            return self.weight[...]
-        from .quant.awq import AWQWeight
-
-        return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
-                         group_size=self.group_size, in_features=self.in_features,
-                         out_features=self.out_features)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1, DESIGN.md §2–3).
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; docs/model.md#mla).
 
 Two equivalent ways to attend:
 
@@ -11,15 +11,29 @@ Two equivalent ways to attend:
 
 from __future__ import annotations
 
+import enum
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .cache import LayerCache
 from .config import DeepseekV2Config
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 _NEG_INF = -1e30  # finite so fully masked rows (padding) give zeros, not NaNs
+
+
+class AttentionMode(enum.Enum):
+    """What the T new tokens attend to, and in which form.
+
+    With a cache the new entries are always written first (slots ``cache_index + [0, T)``).
+    """
+
+    SELF = "self"  # the T tokens themselves, materialised: training, scoring, a first prefill chunk
+    CACHE = "cache"  # every cache slot, materialised: later prefill chunks (mask [B, T, S])
+    LATENT = "latent"  # every cache slot in latent space, absorbed: decode (mask [B, T, S])
 
 
 class MLA(nnx.Module):
@@ -65,36 +79,24 @@ class MLA(nnx.Module):
     def kv_b_weight(self, after=None) -> jax.Array:
         """kv_b_proj as [r, nh, nope + v] in the compute dtype (dequantized if AWQ)."""
         cfg = self.cfg
-        if self.kv_b_proj.quantized:
-            from .quant.awq import dequantize
-
-            w = dequantize(self.kv_b_proj.awq_weight(after=after), jnp.float32)
-        else:
-            w = self.kv_b_proj.weight[...]
-        w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        return w.astype(self.dtype)
+        w = self.kv_b_proj.dense_weight(self.dtype, after=after)
+        return w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
 
     # ---- attention -----------------------------------------------------
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, absorbed: bool = False):
-        """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, S] bool (True = attend).
-
-        Without a cache the keys are the T tokens themselves (S = T). With ``cache`` (a pair
-        c_kv [B, S_max, r], k_pe [B, S_max, d]) the new entries are written at slots
-        ``cache_index + [0, T)`` first; attention then runs over all S_max slots, or over the
-        new tokens alone when ``mask`` is [B, T, T]. Returns (output [B, T, H], cache or None).
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
+                 mode: AttentionMode = AttentionMode.SELF):
+        """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, T] (``SELF``) or [B, T, S] (``CACHE``,
+        ``LATENT``) bool, True = attend. Returns (output [B, T, H], the updated cache or None).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
-            cache_c, cache_pe = cache
-            cache_c = jax.lax.dynamic_update_slice_in_dim(cache_c, c_kv, cache_index, axis=1)
-            cache_pe = jax.lax.dynamic_update_slice_in_dim(cache_pe, k_pe, cache_index, axis=1)
-            cache = (cache_c, cache_pe)
-            # The mask's last axis says what is attended: every cache slot, or (first prefill
-            # chunk, nothing cached before it) just the T new tokens, which is cheaper.
-            if mask.shape[-1] == cache_c.shape[1]:
-                c_kv, k_pe = cache_c, cache_pe
-        attend = self._absorbed if absorbed else self._materialised
+            cache = cache.write(c_kv, k_pe, cache_index)
+        if mode is not AttentionMode.SELF:
+            if cache is None:
+                raise ValueError(f"MLA: attention mode {mode.name} needs a cache")
+            c_kv, k_pe = cache.c_kv, cache.k_pe
+        attend = self._absorbed if mode is AttentionMode.LATENT else self._materialised
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
         out = out.reshape(*x.shape[:2], -1)
         return self.o_proj(out), cache

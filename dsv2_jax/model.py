@@ -18,15 +18,15 @@ Example (a tiny random model; ``dsv2_jax.load`` reads a real checkpoint)::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .cache import KVCache
 from .config import DeepseekV2Config
 from .layers import Embed, Linear, RMSNorm, as_dtype
-from .mla import MLA
+from .mla import MLA, AttentionMode
 from .moe import MLP, MoE, Routing
 from .rope import cos_sin
 
@@ -36,11 +36,12 @@ class ModelOutput:
     logits: jax.Array  # [B, T, V] float32
     hidden_states: tuple[jax.Array, ...] | None = None  # embeddings, then each layer's output
     routings: tuple[Routing, ...] = ()  # one per MoE layer
-    cache: Any = None  # updated KV cache when one was passed
+    cache: KVCache | None = None  # updated KV cache when one was passed
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: DeepseekV2Config, layer: int, *, rngs, param_dtype, dtype, quant=None):
+    def __init__(self, cfg: DeepseekV2Config, layer: int, *, rngs, param_dtype, dtype, quant=None,
+                 mesh=None):
         self.is_moe = cfg.is_moe_layer(layer)
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
         prefix = f"model.layers.{layer}"
@@ -48,12 +49,12 @@ class DecoderLayer(nnx.Module):
         self.self_attn = MLA(cfg, prefix=f"{prefix}.self_attn", **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if self.is_moe:
-            self.mlp = MoE(cfg, prefix=f"{prefix}.mlp", **kw)
+            self.mlp = MoE(cfg, prefix=f"{prefix}.mlp", mesh=mesh, **kw)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, prefix=f"{prefix}.mlp", **kw)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, absorbed=False):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, absorbed)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, mode=AttentionMode.SELF):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, mode)
         x = x + attn
         h = self.post_attention_layernorm(x)
         routing = None
@@ -65,10 +66,15 @@ class DecoderLayer(nnx.Module):
 
 
 class DeepseekV2(nnx.Module):
-    """DeepSeek-V2 / V2-Lite causal LM. ``model(ids)`` gives float32 logits [B, T, vocab]."""
+    """DeepSeek-V2 / V2-Lite causal LM. ``model(ids)`` gives float32 logits [B, T, vocab].
+
+    ``mesh`` (``dsv2_jax.sharding.make_mesh``) with an ``expert`` axis of size P > 1 splits
+    the routed experts P ways (expert parallelism); the variables are placed on it by
+    ``sharding.create_sharded`` / ``shard_model`` or ``dsv2_jax.load(..., mesh=)``.
+    """
 
     def __init__(self, cfg: DeepseekV2Config, *, rngs: nnx.Rngs, param_dtype="float32",
-                 dtype=None):
+                 dtype=None, mesh=None):
         self.config = cfg
         param_dtype = as_dtype(param_dtype)
         dtype = as_dtype(dtype, default=param_dtype)
@@ -76,7 +82,7 @@ class DeepseekV2(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([
-            DecoderLayer(cfg, i, quant=cfg.quantization, **kw)
+            DecoderLayer(cfg, i, quant=cfg.quantization, mesh=mesh, **kw)
             for i in range(cfg.num_hidden_layers)
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -89,38 +95,43 @@ class DeepseekV2(nnx.Module):
         """Logits float32 [B, T, vocab] for int ids [B, T] (positions default to 0..T-1)."""
         return self.forward(input_ids, positions, attention_mask).logits
 
-    def forward(self, input_ids, positions=None, attention_mask=None, *, cache=None,
-                cache_index=None, mask=None, absorbed=False, output_hidden_states=False,
+    def forward(self, input_ids, positions=None, attention_mask=None, *,
+                cache: KVCache | None = None, cache_index=None, mask=None,
+                mode: AttentionMode | None = None, output_hidden_states=False,
                 logits_slice: slice | None = None) -> ModelOutput:
         """The full forward pass.
 
-        input_ids [B, T] int; positions [B, T] (default 0..T-1); attention_mask [B, T] (or
-        [B, S] with a cache) marks real tokens. ``cache`` is a tuple of per-layer
-        (c_kv, k_pe) pairs; new entries go to slots ``cache_index + [0, T)`` and attention
-        spans all slots allowed by ``mask`` [B, T, S] (built causally when not given).
-        ``absorbed`` uses the latent-space attention of decode.
+        input_ids [B, T] int; positions [B, T] (default 0..T-1, or from ``cache_index``);
+        attention_mask [B, T] (or [B, S] with a cache) marks real tokens. With ``cache`` (a
+        :class:`~dsv2_jax.cache.KVCache`) the new entries go to slots ``cache_index + [0, T)``.
+        ``mode`` (an :class:`~dsv2_jax.mla.AttentionMode`) says what the tokens attend to:
+        ``SELF`` (the default without a cache), ``CACHE`` (the default with one) or ``LATENT``
+        (decode); ``mask`` is [B, T, T] for ``SELF`` and [B, T, S] otherwise, built causally
+        when not given.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids: expected [batch, seq] integers, got shape {input_ids.shape}")
         b, t = input_ids.shape
+        if mode is None:
+            mode = AttentionMode.SELF if cache is None else AttentionMode.CACHE
         if positions is None:
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if mask is None:
-            mask = causal_mask(b, t, cache, cache_index, attention_mask)
+            over_cache = None if mode is AttentionMode.SELF else cache
+            mask = causal_mask(b, t, over_cache, cache_index, attention_mask)
         cos, sin = cos_sin(self.config, positions)
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
         routings = []
-        new_cache = [] if cache is not None else None
+        new_cache = []
         for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None else None
-            x, routing, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, absorbed)
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, routing, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, mode)
             if routing is not None:
                 routings.append(routing)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
+            new_cache.append(layer_cache)
             if hidden is not None:
                 hidden.append(x)
         if logits_slice is not None:
@@ -131,7 +142,7 @@ class DeepseekV2(nnx.Module):
             logits=logits,
             hidden_states=tuple(hidden) if hidden is not None else None,
             routings=tuple(routings),
-            cache=tuple(new_cache) if new_cache is not None else None,
+            cache=KVCache(tuple(new_cache)) if cache is not None else None,
         )
 
 
@@ -142,7 +153,7 @@ def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None) -> jax.
         s = t
     else:
         q_slot = cache_index + jnp.arange(t)
-        s = cache[0][0].shape[1]
+        s = cache.max_len
     mask = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
     mask = jnp.broadcast_to(mask, (b, t, s))
     if attention_mask is not None:

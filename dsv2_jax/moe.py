@@ -1,15 +1,15 @@
 """DeepSeekMoE: softmax router, greedy / group-limited top-k, shared + routed SwiGLU experts.
 
-Routing is a pure function in float32 (DESIGN.md §2). Routed experts are stored stacked
-([E, in, out]) and dispatched dropless. Few (token, expert) pairs (decode) gather their own
-expert's weights; many pairs are sorted by expert and run one grouped matmul per projection
-(tiles of one expert each on CPU, ``ragged_dot`` or the AWQ grouped Pallas kernel on GPU),
-then scattered back weighted by the router probabilities.
+Routing is a pure function in float32 (docs/model.md#routing). Routed experts are stored stacked
+([E, in, out], ``expert_weights``) and dispatched dropless. Few (token, expert) pairs (decode)
+gather their own expert's weights; many pairs are sorted by expert and run one grouped matmul
+per projection (``expert_weights.grouped_matmul``), then scattered back weighted by the router
+probabilities.
 
-Expert parallelism (:func:`dispatch_experts_parallel`): when the model was placed on a mesh
-whose ``expert`` axis has size P > 1 (``dsv2_jax.load(..., mesh=)``, ``sharding.shard_model``
-or ``sharding.create_sharded`` set ``MoE.expert_mesh``), each device holds E/P experts and the
-dispatch runs inside ``jax.shard_map``; otherwise the single-device path above runs. The
+Expert parallelism (:func:`dispatch_experts_parallel`): when the model was built for a mesh
+whose ``expert`` axis has size P > 1 (``DeepseekV2(cfg, mesh=...)``, ``dsv2_jax.load(...,
+mesh=)``), each device holds E/P experts and the dispatch runs inside ``jax.shard_map``;
+otherwise the single-device path above runs. The
 design is *replicated tokens + local sort + local grouped matmul + reduce*:
 
 1. the tokens of one expert group (the P devices along ``expert``) are all-gathered, so every
@@ -44,8 +44,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from . import expert_weights as ew
 from .config import DeepseekV2Config
-from .layers import ExpertWeights, Linear, tie_to
+from .expert_weights import ExpertWeights
+from .layers import Linear
 from .sharding import EXPERT, axis_size, batch_spec
 
 
@@ -86,108 +88,6 @@ def route(cfg: DeepseekV2Config, router_logits: jax.Array) -> Routing:
 GATHER_MAX_ROWS = 64  # (token, expert) pairs up to which each pair gathers its expert's weights
 
 
-def _expert_weight(w, e, dtype):
-    """Expert e of a stack ([E, in, out] array or stacked AWQWeight) as a dense [in, out]."""
-    if isinstance(w, jax.Array):
-        return w[e].astype(dtype)
-    from .quant.awq import dequantize
-
-    return dequantize(jax.tree.map(lambda a: a[e], w), jnp.float32).astype(dtype)
-
-
-def _gathered_matmul(x, w, expert):
-    """Few rows (decode): row m multiplies its own expert's weight, read once per row."""
-    if isinstance(w, jax.Array):
-        wsel = jnp.take(w, expert, axis=0).astype(x.dtype)  # [M, in, out]
-    else:
-        from .quant.awq import dequantize
-
-        wsel = dequantize(jax.tree.map(lambda a: jnp.take(a, expert, axis=0), w),
-                          jnp.float32).astype(x.dtype)
-    return jnp.einsum("mk,mkn->mn", x, wsel)
-
-
-def _varying(a) -> frozenset:
-    """The shard_map axes ``a`` varies over (empty outside shard_map)."""
-    t = jax.typeof(a)
-    mat = getattr(t, "manual_axis_type", None)  # jax 0.10; older releases call it .vma
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
-
-
-def _zeros_like_varying(shape, dtype, *like):
-    """Zeros that vary over the same shard_map axes as ``like`` (a no-op outside shard_map),
-    so that both branches of a ``cond`` have one type."""
-    vma = frozenset().union(*(_varying(a) for a in jax.tree.leaves(like)))
-    z = jnp.zeros(shape, dtype)
-    return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
-
-
-def _vary_like(w, x):
-    """``w`` (array or AWQWeight) cast to vary over every shard_map axis ``x`` varies over.
-
-    Inside shard_map a weight replicated over ``data`` / ``fsdp`` meets tokens split over them;
-    JAX casts it where they meet, and the transpose of that cast is the gradient's psum. Cast
-    here, once, so that psum is not inside the per-tile ``cond`` below: devices whose tiles
-    differ would take different branches and wait forever on each other's collective.
-    """
-    want = _varying(x)
-
-    def cast(a):
-        extra = tuple(sorted(want - _varying(a)))
-        return jax.lax.pcast(a, extra, to="varying") if extra else a
-
-    return jax.tree.map(cast, w) if want else w
-
-
-def _tiled_grouped_matmul(x, w, group_sizes):
-    """Rows sorted by expert, cut into tiles of one expert each; empty tiles are skipped.
-
-    XLA's CPU ragged_dot multiplies every row by every expert (E times the work); this costs
-    at most (rows + used_experts * tile) rows of matmul instead.
-    """
-    m, k = x.shape
-    e = group_sizes.shape[0]
-    n = w.shape[-1] if isinstance(w, jax.Array) else w.out_features
-    tile = int(min(128, max(8, 1 << max(0, (m // e - 1)).bit_length())))
-    n_tiles = -(-m // tile) + e  # static bound on sum_e ceil(group_e / tile)
-    tiles_per = -(-group_sizes // tile)
-    tile_end = jnp.cumsum(tiles_per)  # inclusive
-    row_off = jnp.cumsum(group_sizes) - group_sizes
-    x_pad = jnp.concatenate([x, jnp.zeros((tile, k), x.dtype)])
-    w = _vary_like(w, x)
-
-    def one(i):
-        ex = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), e - 1)
-        first_tile = tile_end[ex] - tiles_per[ex]
-        start = row_off[ex] + (i - first_tile) * tile
-        rows = start + jnp.arange(tile)
-        valid = (i < tile_end[-1]) & (rows < row_off[ex] + group_sizes[ex])
-
-        def compute(_):
-            xw = jax.lax.dynamic_slice_in_dim(x_pad, start, tile)
-            return jnp.dot(xw, _expert_weight(w, ex, x.dtype))
-
-        skip = lambda _: _zeros_like_varying((tile, n), x.dtype, x, w)  # noqa: E731
-        y = jax.lax.cond(i < tile_end[-1], compute, skip, None)
-        return y, jnp.where(valid, rows, m)
-
-    ys, rows = jax.lax.map(one, jnp.arange(n_tiles))
-    out = jnp.zeros((m + 1, n), x.dtype).at[rows.reshape(-1)].set(ys.reshape(-1, n))
-    return out[:m]
-
-
-def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
-    """x [M, in] sorted by expert, w [E, in, out] (dense or AWQWeight) -> [M, out]."""
-    on_gpu = jax.default_backend() == "gpu"
-    if not isinstance(w, jax.Array) and on_gpu:
-        from .quant.dispatch import awq_grouped_linear
-
-        return awq_grouped_linear(x, w, group_sizes).astype(x.dtype)
-    if on_gpu:
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    return _tiled_grouped_matmul(x, w, group_sizes)
-
-
 def dispatch_experts(x: jax.Array, routing: Routing, w_gate, w_up, w_down,
                      n_experts: int) -> jax.Array:
     """Dropless routed-expert FFN for x [N, H]: sum_k weight_k * expert_k(x)."""
@@ -202,9 +102,7 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     the grouped matmul leaves them zero without computing them.
     """
     n, k = topk_idx.shape
-    # Packed experts are unpacked only once this layer's input exists (see layers.tie_to).
-    w_gate, w_up, w_down = (w if isinstance(w, jax.Array) else dataclasses.replace(w, qweight=tie_to(x, w.qweight))
-                            for w in (w_gate, w_up, w_down))
+    w_gate, w_up, w_down = (ew.tie(w, x) for w in (w_gate, w_up, w_down))
     flat_expert = topk_idx.reshape(-1)  # [N*K]
     flat_weight = topk_weight.reshape(-1)
     if valid is not None:
@@ -214,8 +112,8 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     if n * k <= GATHER_MAX_ROWS:
         flat_expert = jnp.minimum(flat_expert, n_experts - 1)
         xs = jnp.repeat(x, k, axis=0)  # [N*K, H], pair order
-        h = jax.nn.silu(_gathered_matmul(xs, w_gate, flat_expert)) * _gathered_matmul(xs, w_up, flat_expert)
-        y = _gathered_matmul(h, w_down, flat_expert)
+        h = jax.nn.silu(ew.gathered_matmul(xs, w_gate, flat_expert)) * ew.gathered_matmul(xs, w_up, flat_expert)
+        y = ew.gathered_matmul(h, w_down, flat_expert)
         y = y.astype(jnp.float32) * flat_weight[:, None]
         return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
     order = jnp.argsort(flat_expert, stable=True)
@@ -223,8 +121,8 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     # Sentinel ids (== n_experts) fall outside bincount's length: they join no group.
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
     xs = jnp.take(x, token_of, axis=0)  # [N*K, H] rows grouped by expert
-    h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
-    y = grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
+    h = jax.nn.silu(ew.grouped_matmul(xs, w_gate, group_sizes)) * ew.grouped_matmul(xs, w_up, group_sizes)
+    y = ew.grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
     weight = jnp.take(flat_weight, order)[:, None]
     y = (y.astype(jnp.float32) * weight).astype(x.dtype)
     return jnp.zeros_like(x).at[token_of].add(y)
@@ -265,13 +163,8 @@ def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_do
         return jax.lax.psum(y, EXPERT)
 
     w_spec = P(EXPERT)  # a prefix: every leaf of an AWQWeight is stacked [E, ...] too
-    # The AWQ Pallas kernel (GPU) declares outputs without shard_map's varying-axes type, which
-    # the check rejects; that path runs unchecked (same results, possibly an extra collective
-    # in the backward pass, which AWQ weights never need).
-    quantized = not all(isinstance(w, jax.Array) for w in (w_gate, w_up, w_down))
-    pallas = quantized and jax.default_backend() == "gpu"
     f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, w_spec),
-                      out_specs=tok, check_vma=not pallas)
+                      out_specs=tok, check_vma=ew.checked_in_shard_map(w_gate, w_up, w_down))
     return f(x, routing.topk_idx, routing.topk_weight, w_gate, w_up, w_down)
 
 
@@ -301,13 +194,19 @@ class Router(nnx.Module):
 
 
 class MoE(nnx.Module):
+    """Router + routed experts (+ shared experts). With ``mesh`` whose ``expert`` axis has
+    size P > 1 the routed experts are split P ways and dispatched inside ``jax.shard_map``."""
+
     def __init__(self, cfg: DeepseekV2Config, *, rngs, param_dtype, dtype, quant=None,
-                 prefix: str = "mlp"):
+                 prefix: str = "mlp", mesh=None):
         self.cfg = cfg
         self.dtype = dtype
-        # The mesh whose "expert" axis (size > 1) splits the routed experts, set by
-        # dsv2_jax.sharding.shard_model / set_expert_mesh; None runs on one device.
-        self.expert_mesh = None
+        ep = 1 if mesh is None else axis_size(mesh, EXPERT)
+        if cfg.n_routed_experts % ep:
+            raise ValueError(f"expert parallelism: n_routed_experts = {cfg.n_routed_experts} is not "
+                             f"divisible by the mesh's expert axis ({ep})")
+        # The mesh the routed experts are split over; None runs the single-device dispatch.
+        self.expert_mesh = mesh if ep > 1 else None
         h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.gate = Router(h, e, rngs=rngs)
         kw = dict(rngs=rngs, param_dtype=param_dtype, quant=quant)

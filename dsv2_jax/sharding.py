@@ -8,7 +8,8 @@ The mesh has three named axes, outermost first (``make_mesh``):
   just before it is used.
 - ``expert``: expert parallelism. Each device holds ``n_routed_experts / expert`` routed
   experts; batches are split over it as well outside the MoE layers, and the MoE dispatch
-  (:func:`dsv2_jax.moe.dispatch_experts_parallel`) brings the tokens to the experts.
+  (``dsv2_jax.moe.dispatch_experts_parallel``) brings the tokens to the experts. The MoE layers
+  learn the mesh when the model is built (``DeepseekV2(cfg, mesh=...)``, ``load(..., mesh=)``).
 
 One table, :data:`RULES`, maps *logical* axes (what a tensor axis means: ``embed``, ``vocab``,
 ``heads``, ``experts``, ...) to mesh axes; :data:`PARAM_AXES` names the logical axes of every
@@ -21,7 +22,7 @@ config shards without padding.
 Example::
 
     mesh = make_mesh(data=2, expert=4)            # 8 devices
-    model = shard_model(dsv2_jax.load(path, dtype="float32"), mesh)   # or load(path, mesh=mesh)
+    model = dsv2_jax.load(path, dtype="float32", mesh=mesh)   # each tensor read into its sharding
     logits = model(ids)                            # MoE layers dispatch across "expert"
     state_sh = tree_shardings(train_state, mesh)   # params and AdamW moments alike
 """
@@ -33,7 +34,9 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, FSDP, EXPERT = "data", "fsdp", "expert"
 MESH_AXES = (DATA, FSDP, EXPERT)
@@ -211,6 +214,21 @@ def batch_sharding(mesh, n: int | None = None, dim: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * dim), *batch_spec(mesh, n)))
 
 
+def put_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host arrays holding the *global* batch ([B, T] or micro-batched [A, B, T]) -> global
+    device arrays, the sequence axis (second to last) split per :func:`batch_spec`.
+
+    Each process passes the whole global batch and keeps its own rows (single-process runs
+    keep everything); multi-host input pipelines that read only their share can pass those
+    rows to ``jax.make_array_from_process_local_data`` directly.
+    """
+    out = {}
+    for k, v in batch.items():
+        s = batch_sharding(mesh, v.shape[v.ndim - 2], dim=v.ndim - 2)
+        out[k] = jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+    return out
+
+
 # ---------------------------------------------------------------------------
 # placing values
 
@@ -230,35 +248,16 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(one, tree, shardings)
 
 
-def set_expert_mesh(model, mesh) -> None:
-    """Tell every MoE layer of ``model`` which mesh its routed experts are sharded over.
-
-    With an ``expert`` axis of size > 1 the layers dispatch inside ``jax.shard_map``; with
-    ``None`` (or an expert axis of 1) they run the single-device path.
-    """
-    from flax import nnx
-
-    from .moe import MoE
-
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MoE):
-            if mesh is not None and module.cfg.n_routed_experts % axis_size(mesh, EXPERT):
-                raise ValueError(f"sharding: n_routed_experts = {module.cfg.n_routed_experts} is not "
-                                 f"divisible by the mesh's expert axis ({axis_size(mesh, EXPERT)})")
-            module.expert_mesh = mesh if mesh is not None and axis_size(mesh, EXPERT) > 1 else None
-
-
 def shard_model(model, mesh, rules: Mapping = RULES):
-    """Move every variable of ``model`` to its sharding on ``mesh`` and turn on expert
-    parallelism in its MoE layers. Returns the same model (changed in place).
+    """Move every variable of ``model`` to its sharding on ``mesh``. Returns the same model
+    (changed in place). The MoE layers split their experts over the mesh they were built with
+    (``DeepseekV2(cfg, mesh=...)``), so build the model with the same mesh.
 
     Example::
 
-        model = shard_model(DeepseekV2(cfg, rngs=nnx.Rngs(0)), make_mesh(expert=4))
+        mesh = make_mesh(expert=4)
+        model = shard_model(DeepseekV2(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
     """
-    from flax import nnx
-
-    set_expert_mesh(model, mesh)
     state = nnx.state(model)
     nnx.update(model, put(state, tree_shardings(state, mesh, rules)))
     return model
@@ -272,12 +271,46 @@ def create_sharded(factory, mesh, rules: Mapping = RULES):
 
     Example::
 
-        model = create_sharded(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)), make_mesh(fsdp=-1))
+        mesh = make_mesh(fsdp=2, expert=4)
+        model = create_sharded(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), mesh=mesh), mesh)
     """
-    from flax import nnx
-
     graphdef, abstract = nnx.split(nnx.eval_shape(factory))
     state = jax.jit(lambda: nnx.state(factory()), out_shardings=tree_shardings(abstract, mesh, rules))()
-    model = nnx.merge(graphdef, state)
-    set_expert_mesh(model, mesh)
-    return model
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------
+# shard_map's varying-axes types (jax 0.10 calls the type field ``manual_axis_type``, older
+# releases ``vma``): the compatibility shim lives here, once.
+
+
+def varying_axes(a) -> frozenset:
+    """The shard_map axes ``a`` varies over (empty outside shard_map)."""
+    t = jax.typeof(a)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def zeros_like_varying(shape, dtype, *like):
+    """Zeros that vary over the same shard_map axes as ``like`` (a no-op outside shard_map),
+    so that both branches of a ``cond`` have one type."""
+    vma = frozenset().union(*(varying_axes(a) for a in jax.tree.leaves(like)))
+    z = jax.numpy.zeros(shape, dtype)
+    return jax.lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
+def vary_like(w, x):
+    """``w`` (any pytree) cast to vary over every shard_map axis ``x`` varies over.
+
+    Inside shard_map a weight replicated over ``data`` / ``fsdp`` meets tokens split over them;
+    JAX casts it where they meet, and the transpose of that cast is the gradient's psum. Casting
+    once, up front, keeps that psum out of any per-tile ``cond``: devices whose tiles differ
+    would take different branches and wait forever on each other's collective.
+    """
+    want = varying_axes(x)
+
+    def cast(a):
+        extra = tuple(sorted(want - varying_axes(a)))
+        return jax.lax.pcast(a, extra, to="varying") if extra else a
+
+    return jax.tree.map(cast, w) if want else w

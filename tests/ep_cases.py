@@ -25,6 +25,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import dsv2_jax  # noqa: E402
 from dsv2_jax import sharding as sh  # noqa: E402
 from dsv2_jax.cache import init_cache  # noqa: E402
+from dsv2_jax.mla import AttentionMode  # noqa: E402
 
 # Prefill B·T = 128 tokens (sorted grouped path, tokens split over every device and gathered
 # per expert group); decode B rows (gathered-weights path); a lone row of ODD tokens that no
@@ -44,14 +45,14 @@ def prefill_and_decode(model, ids):
     s = T + DECODE
     cache = init_cache(cfg, B, s, model.dtype)
     causal = jnp.tril(jnp.ones((T, T), bool))[None].repeat(B, 0)
-    out = model.forward(ids[:, :T], cache=cache, cache_index=0, mask=causal)
+    out = model.forward(ids[:, :T], cache=cache, cache_index=0, mask=causal, mode=AttentionMode.SELF)
     cache, steps = out.cache, []
     for i in range(DECODE):
         slot = T + i
         mask = jnp.broadcast_to(jnp.arange(s) <= slot, (B, 1, s))
         pos = jnp.full((B, 1), slot, jnp.int32)
         o = model.forward(ids[:, slot:slot + 1], pos, cache=cache, cache_index=slot, mask=mask,
-                          absorbed=True)
+                          mode=AttentionMode.LATENT)
         cache = o.cache
         steps.append(o.logits[:, 0])
     return out.logits, jnp.stack(steps, 1), model(ids[:1, :ODD])
@@ -102,8 +103,9 @@ def case_awq_fsdp(folder: str, awq_folder: str) -> dict:
     from dsv2_jax import DeepseekV2, DeepseekV2Config
 
     cfg = DeepseekV2Config.from_json(os.path.join(folder, "config.json"))
-    factory = lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-    made = sh.create_sharded(factory, sh.make_mesh(fsdp=2, expert=4))
+    factory = lambda mesh=None: DeepseekV2(cfg, rngs=nnx.Rngs(0), mesh=mesh)  # noqa: E731
+    mesh = sh.make_mesh(fsdp=2, expert=4)
+    made = sh.create_sharded(lambda: factory(mesh), mesh)
     leaves = zip(jax.tree.leaves(nnx.state(factory())), jax.tree.leaves(nnx.state(made)))
     res["init/diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in leaves)
     res["init/expert_spec"] = str(made.layers[1].mlp.experts_down_proj.weight[...].sharding.spec)
@@ -150,7 +152,7 @@ def loss_fn(params, graphdef, rest, ids):
     """Mean next-token cross-entropy + the expert-balance loss (DESIGN.md §2)."""
     from flax import nnx
 
-    from dsv2_jax.train.losses import cross_entropy, total_balance_loss
+    from dsv2_jax.training.losses import cross_entropy, total_balance_loss
 
     model = nnx.merge(graphdef, params, rest)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -209,7 +211,7 @@ def case_hlo(folder: str) -> dict:
     all-gathers; the same step with the MoE on the single-device path is the control."""
     import optax
 
-    from dsv2_jax.train.optim import make_optimizer
+    from dsv2_jax.training.optim import make_optimizer
 
     res = {}
     tx = make_optimizer(1e-3)
@@ -217,9 +219,8 @@ def case_hlo(folder: str) -> dict:
                                 ("ep4_fsdp2", dict(fsdp=2, expert=4), True),
                                 ("control", dict(data=2, expert=4), False)]:
         mesh = sh.make_mesh(**sizes)
-        model = dsv2_jax.load(folder, dtype="float32", mesh=mesh)
-        if not ep_on:
-            sh.set_expert_mesh(model, None)
+        # The control's MoE layers are built without the mesh: the single-device dispatch.
+        model = dsv2_jax.load(folder, dtype="float32", mesh=mesh if ep_on else None)
         cfg = model.config
         g, params, rest = split(model)
 
@@ -230,6 +231,8 @@ def case_hlo(folder: str) -> dict:
 
         opt_state = tx.init(params)
         p_sh, o_sh = sh.tree_shardings(params, mesh), sh.tree_shardings(opt_state, mesh)
+        params, opt_state = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+                             for t in (params, opt_state))
         ids = jax.ShapeDtypeStruct((B, T + DECODE), jnp.int32, sharding=sh.batch_sharding(mesh, B))
         hlo = jax.jit(step, in_shardings=(p_sh, o_sh, ids.sharding),
                       out_shardings=(p_sh, o_sh, None)).lower(params, opt_state, ids).compile().as_text()

@@ -37,8 +37,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 import dsv2_jax  # noqa: E402
 from dsv2_jax import sharding as sh  # noqa: E402
-from dsv2_jax.train.losses import cross_entropy, total_balance_loss  # noqa: E402
-from dsv2_jax.train.optim import make_optimizer  # noqa: E402
+from dsv2_jax.training.losses import cross_entropy, total_balance_loss  # noqa: E402
+from dsv2_jax.training.optim import make_optimizer  # noqa: E402
 
 read: list[str] = []
 _safe_open = safetensors.safe_open

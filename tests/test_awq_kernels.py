@@ -14,7 +14,7 @@ import pytest
 
 from dsv2_jax import kernels
 from dsv2_jax.kernels.awq_grouped_matmul import tile_schedule
-from dsv2_jax.quant import awq, dispatch
+from dsv2_jax.quant import awq, ops
 from dsv2_jax.quant.awq import AWQWeight
 
 
@@ -154,27 +154,27 @@ def test_grouped_matmul_lowers_for_cuda():
 def test_dispatch_on_cpu_is_the_reference():
     w = make_weight((128, 200), 64)
     x = make_x(6, 128).reshape(2, 3, 128)
-    np.testing.assert_array_equal(np.asarray(dispatch.awq_linear(x, w)),
+    np.testing.assert_array_equal(np.asarray(ops.awq_linear(x, w)),
                                   np.asarray(awq.awq_matmul_reference(x, w)))
     ws = make_weight((4, 128, 200), 64)
     g = jnp.asarray([1, 0, 4, 1], jnp.int32)
-    np.testing.assert_array_equal(np.asarray(dispatch.awq_grouped_linear(x.reshape(6, 128), ws, g)),
+    np.testing.assert_array_equal(np.asarray(ops.awq_grouped_linear(x.reshape(6, 128), ws, g)),
                                   np.asarray(awq.awq_grouped_matmul_reference(x.reshape(6, 128), ws, g)))
 
 
 @pytest.mark.parametrize("rows,kernel_names", [
-    (dispatch.FUSED_MAX_ROWS, ["awq_matmul"]),
-    (dispatch.FUSED_MAX_ROWS + 1, ["awq_dequant"]),
+    (ops.FUSED_MAX_ROWS, ["awq_matmul"]),
+    (ops.FUSED_MAX_ROWS + 1, ["awq_dequant"]),
 ])
 def test_dispatch_gpu_paths_lower_for_cuda(monkeypatch, rows, kernel_names):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     w = make_weight((128, 200), 64)
     x = jax.ShapeDtypeStruct((1, rows, 128), jnp.bfloat16)
-    assert _lower_cuda(lambda x, w: dispatch.awq_linear(x, w), x, w) == kernel_names
+    assert _lower_cuda(lambda x, w: ops.awq_linear(x, w), x, w) == kernel_names
     ws = make_weight((4, 128, 200), 64)
     xs = jax.ShapeDtypeStruct((rows, 128), jnp.bfloat16)
     g = jax.ShapeDtypeStruct((4,), jnp.int32)
-    assert _lower_cuda(dispatch.awq_grouped_linear, xs, ws, g) == ["awq_grouped_matmul"]
+    assert _lower_cuda(ops.awq_grouped_linear, xs, ws, g) == ["awq_grouped_matmul"]
 
 
 def test_implementation_choice():

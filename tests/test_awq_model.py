@@ -140,7 +140,7 @@ def test_quantize_cli_rejects_bad_group(tmp_path):
     from tiny import write_checkpoint
 
     d = write_checkpoint(tmp_path / "dense", LITE)
-    r = subprocess.run([sys.executable, "-m", "dsv2_jax.quantize", "--model", str(d), "--out",
+    r = subprocess.run([sys.executable, "-m", "dsv2_jax.quant", "--model", str(d), "--out",
                         str(tmp_path / "o"), "--group-size", "48"], capture_output=True, text=True)
     assert r.returncode == 2 and "group_size (48)" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

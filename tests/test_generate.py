@@ -37,11 +37,11 @@ def test_every_absorbed_decode_step_equals_full_forward(models, name, prompt_len
     model = models[name]
     prompt = _prompt(prompt_len, seed=1)
     sess = gen._Session(model, None, [prompt], steps, SamplingParams(), ignore_eos=True)
-    step_logits = [np.asarray(sess.carry["logits"][0])]  # after prefill: predicts token 0
+    step_logits = [np.asarray(sess.carry.logits[0])]  # after prefill: predicts token 0
     for _ in range(steps):
         sess.step()
-        step_logits.append(np.asarray(sess.carry["logits"][0]))
-    new = [int(t) for t in np.asarray(sess.carry["tokens"][0])]
+        step_logits.append(np.asarray(sess.carry.logits[0]))
+    new = [int(t) for t in np.asarray(sess.carry.tokens[0])]
     full = np.asarray(model(jnp.asarray([prompt + new])))[0]
     for i, got in enumerate(step_logits):
         want = full[prompt_len - 1 + i]
@@ -91,7 +91,8 @@ def test_v2_lite_cache_is_31104_bytes_per_token():
     cfg = dsv2_jax.DeepseekV2Config.v2_lite()
     assert cache_bytes_per_token(cfg, jnp.bfloat16) == 31_104
     shapes = jax.eval_shape(lambda: gen.init_cache(cfg, 2, 8, jnp.bfloat16))
-    assert len(shapes) == 27 and shapes[0][0].shape == (2, 8, 512) and shapes[0][1].shape == (2, 8, 64)
+    layers = shapes.layers
+    assert len(layers) == 27 and layers[0].c_kv.shape == (2, 8, 512) and layers[0].k_pe.shape == (2, 8, 64)
 
 
 def test_eos_stops_each_row_and_seed_reproduces(models):

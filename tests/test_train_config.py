@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 import train.run
-from train.config import ConfigError, load_config
-from train.testing import write_tiny_run
+from dsv2_jax.training.config import ConfigError, load_config
+from dsv2_jax.training.testing import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,13 +78,13 @@ def test_bad_values_name_the_key(tmp_path, override, message):
 def test_errors_found_before_building_the_model(tmp_path, monkeypatch, override, message):
     """Errors that need the model config, the tokenizer or the data are raised by train()
     before any parameter is created or any step compiled."""
-    from dsv2_jax.train.data import DataError
+    from dsv2_jax.training.data import DataError
 
     def must_not_run(*a, **k):
         raise AssertionError("the model was built before the config error was found")
 
     monkeypatch.setattr(train.run, "make_training", must_not_run)
-    monkeypatch.setattr("train.build.build_model", must_not_run)
+    monkeypatch.setattr("dsv2_jax.training.build.build_model", must_not_run)
     overrides = ["model.overrides.max_position_embeddings=256"] if "seq_len" in override else []
     cfg = load_config(write_tiny_run(tmp_path), overrides + [override])
     with pytest.raises((ConfigError, DataError), match=message):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dsv2_jax.tokenizer import load_tokenizer
-from dsv2_jax.train.byte_tokenizer import BOS, EOS, write_byte_tokenizer
-from dsv2_jax.train.data import (Batches, DataError, TokenStream, heldout_batches, load_corpus,
+from dsv2_jax.training.byte_tokenizer import BOS, EOS, write_byte_tokenizer
+from dsv2_jax.training.data import (Batches, DataError, TokenStream, heldout_batches, load_corpus,
                                  pack_rows, tokenize_chat)
 
 

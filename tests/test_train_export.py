@@ -10,7 +10,7 @@ from flax import nnx
 
 import dsv2_jax
 from train import export, run
-from train.testing import write_tiny_run
+from dsv2_jax.training.testing import write_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from flax import nnx
 
 from dsv2_jax import DeepseekV2, DeepseekV2Config, ModelOutput
 from dsv2_jax.moe import Routing
-from dsv2_jax.train.losses import balance_loss, cross_entropy, expert_load, total_balance_loss
+from dsv2_jax.training.losses import balance_loss, cross_entropy, expert_load, total_balance_loss
 
 
 def routing(scores, topk_idx) -> Routing:

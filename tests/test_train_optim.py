@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from dsv2_jax import DeepseekV2, DeepseekV2Config
-from dsv2_jax.train.optim import decay_mask, make_optimizer
-from dsv2_jax.train.schedule import lr_schedule
+from dsv2_jax.training.optim import decay_mask, make_optimizer
+from dsv2_jax.training.schedule import lr_schedule
 
 B1, B2, WD, CLIP, EPS = 0.9, 0.95, 0.1, 1.0, 1e-8
 

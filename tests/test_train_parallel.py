@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import train.run
-from train.config import ConfigError, load_config
-from train.metrics import read_metrics
-from train.testing import write_tiny_run
+from dsv2_jax.training.config import ConfigError, load_config
+from dsv2_jax.training.metrics import read_metrics
+from dsv2_jax.training.testing import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # 8 sequences per step in 2 accumulation steps on every layout (micro_batch x devices = 4)
@@ -81,7 +81,7 @@ def test_mesh_errors_name_the_key(tmp_path, monkeypatch, when, overrides, messag
     def must_not_run(*a, **k):
         raise AssertionError("the model was built before the mesh error was found")
 
-    monkeypatch.setattr("train.build.build_model", must_not_run)
+    monkeypatch.setattr("dsv2_jax.training.build.build_model", must_not_run)
     path = write_tiny_run(tmp_path)
     with pytest.raises(ConfigError, match=message):
         train.run.train(load_config(path, overrides)) if when == "train" else load_config(path, overrides)

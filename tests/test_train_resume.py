@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from train.metrics import read_metrics
-from train.testing import write_tiny_run
+from dsv2_jax.training.metrics import read_metrics
+from dsv2_jax.training.testing import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = ("loss", "ce", "balance_loss", "grad_norm", "lr", "target_tokens",

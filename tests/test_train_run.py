@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.metrics import read_metrics
-from train.testing import write_tiny_run
+from dsv2_jax.training.metrics import read_metrics
+from dsv2_jax.training.testing import write_tiny_run
 
 ROOT = Path(__file__).resolve().parent.parent
 

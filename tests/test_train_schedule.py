@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsv2_jax.train.schedule import decay_steps, lr_schedule
+from dsv2_jax.training.schedule import decay_steps, lr_schedule
 
 PEAK = 4.2e-4
 

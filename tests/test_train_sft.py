@@ -13,9 +13,9 @@ from flax import nnx
 
 import dsv2_jax
 from dsv2_jax.testing import write_checkpoint
-from dsv2_jax.train.byte_tokenizer import write_byte_tokenizer
-from train.metrics import read_metrics
-from train.testing import TINY_MODEL, tiny_config
+from dsv2_jax.training.byte_tokenizer import write_byte_tokenizer
+from dsv2_jax.training.metrics import read_metrics
+from dsv2_jax.training.testing import TINY_MODEL, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

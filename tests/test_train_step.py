@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from dsv2_jax import DeepseekV2, DeepseekV2Config
-from dsv2_jax.train import cross_entropy, total_balance_loss
-from dsv2_jax.train.step import attention_mask, init_state, make_train_step, train_forward
-from train.testing import TINY_MODEL
+from dsv2_jax.training import cross_entropy, total_balance_loss
+from dsv2_jax.training.step import attention_mask, init_state, make_train_step, train_forward
+from dsv2_jax.training.testing import TINY_MODEL
 
 CFG = DeepseekV2Config.v2_lite(**TINY_MODEL)
 

@@ -38,7 +38,7 @@ def evaluate(model, windows: np.ndarray, batch: int = 8) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from dsv2_jax.train.losses import cross_entropy, expert_load
+    from dsv2_jax.training.losses import cross_entropy, expert_load
 
     graphdef, state = nnx.split(model)
     cfg = model.config

@@ -7,7 +7,7 @@
 The folder holds config.json, safetensors with hub tensor names and the run's tokenizer files;
 ``dsv2_jax.load`` and transformers' ``DeepseekV2ForCausalLM`` read it. ``--awq`` exports the dense
 weights to a temporary folder and quantizes them (round-to-nearest, AutoAWQ GEMM layout) with
-``dsv2_jax.quant.quantize.quantize_checkpoint``; the AWQ loader reads the result.
+``dsv2_jax.quant.quantizer.quantize_checkpoint``; the AWQ loader reads the result.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, dtype: str | No
 
     from dsv2_jax import DeepseekV2, DeepseekV2Config
     from dsv2_jax.tokenizer import load_tokenizer
-
-    from .build import RUN_MODEL_CONFIG, TOKENIZER_DIR, is_run_dir
-    from .checkpoints import restore_params
+    from dsv2_jax.training.build import RUN_MODEL_CONFIG, TOKENIZER_DIR, is_run_dir
+    from dsv2_jax.training.run_checkpoint import restore_params
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -71,9 +70,9 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
         dsv2_jax.save(model, out, tokenizer=tok)
         return out
     try:
-        from dsv2_jax.quant.quantize import quantize_checkpoint
+        from dsv2_jax.quant.quantizer import quantize_checkpoint
     except ImportError as e:
-        raise RuntimeError(f"--awq needs dsv2_jax.quant.quantize.quantize_checkpoint ({e})") from None
+        raise RuntimeError(f"--awq needs dsv2_jax.quant.quantizer.quantize_checkpoint ({e})") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense.", dir=out.parent))
     try:
@@ -94,8 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--awq", action="store_true", help="write a 4-bit AWQ (GEMM) checkpoint")
     p.add_argument("--group-size", type=int, default=64, help="AWQ group size (default 64)")
     args = p.parse_args(argv)
-    from dsv2_jax.checkpoint import CheckpointError
     from dsv2_jax.config import ConfigError
+    from dsv2_jax.hub_format import CheckpointError
 
     try:
         out = export(args.run_dir, args.out, step=args.step, dtype=args.dtype, awq=args.awq,

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .metrics import read_metrics
+from dsv2_jax.training.metrics import read_metrics
 
 
 def _series(records, key):

@@ -32,7 +32,13 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrainConfig, check_data_axis, load_config, mesh_sizes
+from dsv2_jax.training.config import (
+    ConfigError,
+    TrainConfig,
+    check_data_axis,
+    load_config,
+    mesh_sizes,
+)
 
 RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision")
 
@@ -79,25 +85,26 @@ def _place(tree, shardings):
 def make_training(cfg: TrainConfig, model, mesh) -> Training:
     """Split the model, build optimizer, state (placed on the mesh) and the jitted steps.
 
-    ``model`` may be plain (host or one device) or already sharded (``build.build_model`` with
-    the mesh); its MoE layers are pointed at ``mesh`` (``sharding.set_expert_mesh``), its
-    parameters and the AdamW moments laid out by ``dsv2_jax.sharding.tree_shardings``. The
+    ``model`` must have been built for ``mesh`` (``build.build_model(..., mesh=mesh)``, so its
+    MoE layers split the experts over the mesh's ``expert`` axis); it may be plain (host or
+    one device) or already sharded. Its parameters and the AdamW moments are laid out by
+    ``dsv2_jax.sharding.tree_shardings``. The
     model's parameter arrays move into ``Training.state`` (donated): do not use it afterwards.
     """
     import jax
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from dsv2_jax import sharding
-    from dsv2_jax.train import lr_schedule, make_optimizer
-    from dsv2_jax.train.step import init_state, make_eval_step, make_train_step
+    from dsv2_jax.training import lr_schedule, make_optimizer
+    from dsv2_jax.training.step import init_state, make_eval_step, make_train_step
 
     s, o = cfg.schedule, cfg.optimizer
     schedule = lr_schedule(s.peak_lr, s.warmup_steps, cfg.total_steps,
                            decay_points=s.decay_points, decay_factor=s.decay_factor)
     tx = make_optimizer(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                         clip_norm=o.clip_norm, eps=o.eps)
-    sharding.set_expert_mesh(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sh = sharding.tree_shardings(params, mesh)
     params = _place(params, param_sh)
@@ -181,13 +188,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from dsv2_jax import sharding
-    from dsv2_jax.train.data import Batches, load_corpus, heldout_batches
-    from dsv2_jax.train.flops import param_counts
-    from dsv2_jax.train.parallel import put_batch
-
-    from . import build
-    from .checkpoints import Checkpoints
-    from .metrics import MetricsLogger, truncate_after
+    from dsv2_jax.sharding import put_batch
+    from dsv2_jax.training import build
+    from dsv2_jax.training.data import Batches, heldout_batches, load_corpus
+    from dsv2_jax.training.flops import param_counts
+    from dsv2_jax.training.metrics import MetricsLogger, truncate_after
+    from dsv2_jax.training.run_checkpoint import RunCheckpoints
 
     lead = jax.process_index() == 0  # the process that writes files and messages
 
@@ -239,7 +245,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     model = build.build_model(cfg, model_cfg, init, mesh=mesh)
     t = make_training(cfg, model, mesh)
     del model
-    ckpts = Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    ckpts = RunCheckpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     state = t.state
     start = 0
     if has_ckpt:
@@ -360,9 +366,9 @@ def join_processes(coordinator=None, num_processes=None, process_id=None) -> Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dsv2_jax.checkpoint import CheckpointError
     from dsv2_jax.config import ConfigError as ModelConfigError
-    from dsv2_jax.train.data import DataError
+    from dsv2_jax.hub_format import CheckpointError
+    from dsv2_jax.training.data import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)

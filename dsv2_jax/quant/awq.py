@@ -13,7 +13,7 @@ axis ``[E, ...]`` to all three arrays.
 
 This module holds the NumPy packer/quantizer (for tests and converters) and the pure-jnp
 references that every Pallas kernel in ``dsv2_jax/kernels/`` is tested against. The model
-calls :func:`dsv2_jax.quant.dispatch.awq_linear`, never these references directly.
+calls :func:`dsv2_jax.quant.ops.awq_linear`, never these references directly.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class AWQWeight:
 
         w = AWQWeight.quantize(np.random.randn(256, 576).astype(np.float32), group_size=64)
         w.shape        # (256, 576)
-        y = dsv2_jax.quant.awq_linear(jnp.ones((3, 256), jnp.bfloat16), w)  # [3, 576]
+        y = dsv2_jax.quant.ops.awq_linear(jnp.ones((3, 256), jnp.bfloat16), w)  # [3, 576]
     """
 
     qweight: jax.Array  # int32 [..., in, out/8]

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, _bad
+from .config import ConfigError, TrainConfig, bad_value
 
 RUN_MODEL_CONFIG = "model_config.json"  # the model's hub config.json, in every run directory
 TOKENIZER_DIR = "tokenizer"  # the tokenizer files, copied into every run directory
@@ -23,7 +23,8 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def _apply_overrides(make, overrides: dict[str, Any], source: str):
-    from dsv2_jax.config import ConfigError as ModelConfigError, DeepseekV2Config, RopeScaling
+    from dsv2_jax.config import ConfigError as ModelConfigError
+    from dsv2_jax.config import DeepseekV2Config, RopeScaling
 
     fields = {f.name for f in dataclasses.fields(DeepseekV2Config)}
     kwargs = {}
@@ -33,13 +34,13 @@ def _apply_overrides(make, overrides: dict[str, Any], source: str):
             raise ConfigError(f"{key}: unknown DeepseekV2Config field")
         if k == "rope_scaling" and v is not None:
             if not isinstance(v, dict):
-                raise _bad(key, v, "expected null or a mapping of YaRN settings")
+                raise bad_value(key, v, "expected null or a mapping of YaRN settings")
             try:
                 v = RopeScaling(**v)
             except TypeError as e:
-                raise _bad(key, v, str(e)) from None
+                raise bad_value(key, v, str(e)) from None
         if k == "quantization":
-            raise _bad(key, v, "training runs on dense weights; quantize at export (--awq)")
+            raise bad_value(key, v, "training runs on dense weights; quantize at export (--awq)")
         kwargs[k] = v
     try:
         cfg = make(**kwargs)
@@ -54,7 +55,8 @@ def _apply_overrides(make, overrides: dict[str, Any], source: str):
 
 def model_config(cfg: TrainConfig):
     """(DeepseekV2Config, folder of the starting checkpoint or None)."""
-    from dsv2_jax.config import ConfigError as ModelConfigError, DeepseekV2Config
+    from dsv2_jax.config import ConfigError as ModelConfigError
+    from dsv2_jax.config import DeepseekV2Config
 
     m = cfg.model
     if m.preset is not None:
@@ -64,7 +66,7 @@ def model_config(cfg: TrainConfig):
         try:
             base = DeepseekV2Config.from_json(m.config_json)
         except FileNotFoundError:
-            raise _bad("model.config_json", m.config_json, "file not found") from None
+            raise bad_value("model.config_json", m.config_json, "file not found") from None
         except ModelConfigError as e:
             raise ConfigError(f"model.config_json: {e}") from None
         return _apply_overrides(lambda **kw: dataclasses.replace(base, **kw), m.overrides,
@@ -83,13 +85,13 @@ def model_config(cfg: TrainConfig):
         try:
             d = json.loads((folder / "config.json").read_text())
         except FileNotFoundError:
-            raise _bad("model.init_from", m.init_from, f"{folder} has no config.json") from None
+            raise bad_value("model.init_from", m.init_from, f"{folder} has no config.json") from None
     try:
         base = DeepseekV2Config.from_dict(d, source=str(folder))
     except ModelConfigError as e:
         raise ConfigError(f"model.init_from: {e}") from None
     if base.quantization is not None:
-        raise _bad("model.init_from", m.init_from,
+        raise bad_value("model.init_from", m.init_from,
                    "is an AWQ-quantized checkpoint; training needs dense weights")
     try:
         return base.replace(**m.overrides), folder
@@ -106,7 +108,7 @@ def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path,
     import tempfile
 
     from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder, load_tokenizer
-    from dsv2_jax.train.byte_tokenizer import write_byte_tokenizer
+    from dsv2_jax.training.byte_tokenizer import write_byte_tokenizer
 
     spec = cfg.data.tokenizer
     target = run_dir / TOKENIZER_DIR
@@ -139,18 +141,18 @@ def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path,
                     shutil.copy(source / name, target / name)
         return load_tokenizer(target)
     except (FileNotFoundError, ValueError) as e:
-        raise _bad("data.tokenizer", spec, str(e)) from None
+        raise bad_value("data.tokenizer", spec, str(e)) from None
 
 
 def check_model_against_data(cfg: TrainConfig, model_cfg, tok, fresh: bool):
     """Tokenizer ids must fit the embedding; sequences must fit the position range. For a
     fresh model the BOS/EOS ids of the exported config.json follow the tokenizer."""
     if tok.vocab_size > model_cfg.vocab_size:
-        raise _bad("data.tokenizer", cfg.data.tokenizer,
+        raise bad_value("data.tokenizer", cfg.data.tokenizer,
                    f"has {tok.vocab_size} tokens, more than the model's vocab_size "
                    f"{model_cfg.vocab_size}")
     if cfg.data.seq_len > model_cfg.max_position_embeddings:
-        raise _bad("data.seq_len", cfg.data.seq_len,
+        raise bad_value("data.seq_len", cfg.data.seq_len,
                    f"longer than the model's max_position_embeddings "
                    f"({model_cfg.max_position_embeddings})")
     if fresh:
@@ -173,14 +175,14 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
 
     def fresh(seed):
         return DeepseekV2(model_cfg, rngs=nnx.Rngs(seed), param_dtype=p.param_dtype,
-                          dtype=p.compute_dtype)
+                          dtype=p.compute_dtype, mesh=mesh)
 
     if init_folder is None:
         if mesh is None:
             return fresh(cfg.seed)
         return sharding.create_sharded(lambda: fresh(cfg.seed), mesh)
     if is_run_dir(init_folder):
-        from .checkpoints import restore_params
+        from .run_checkpoint import restore_params
 
         model = nnx.eval_shape(lambda: fresh(0))
         graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
@@ -189,10 +191,7 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
                                       shardings=shardings)
         if jax.process_index() == 0:
             print(f"init_from: {init_folder} step {step}")
-        model = nnx.merge(graphdef, params, rest)
-        if mesh is not None:
-            sharding.set_expert_mesh(model, mesh)
-        return model
+        return nnx.merge(graphdef, params, rest)
     import dsv2_jax
 
     model = dsv2_jax.load(init_folder, dtype=p.param_dtype, compute_dtype=p.compute_dtype,

@@ -16,14 +16,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dsv2_jax.sharding import put
-from dsv2_jax.train.step import TrainState
+from dsv2_jax.training.step import TrainState
 
 
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class Checkpoints:
+class RunCheckpoints:
     def __init__(self, directory: Path, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

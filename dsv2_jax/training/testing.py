@@ -2,7 +2,7 @@
 
 Example::
 
-    from train.testing import write_tiny_run
+    from dsv2_jax.training.testing import write_tiny_run
     cfg_path = write_tiny_run(tmp_path)           # tmp_path/tiny.yaml, tmp_path/text.txt
     # python -m train.run --config tmp_path/tiny.yaml schedule.total_steps=20
 """

@@ -1,11 +1,12 @@
-"""The one AWQ matmul seam the model calls: picks a kernel by backend and row count.
+"""The AWQ matmuls behind ``layers.Linear`` and ``expert_weights``: picks a kernel by backend
+and row count (docs/awq.md).
 
 - GPU, rows <= FUSED_MAX_ROWS (decode): the fused W4A16 kernel (reads packed weights once).
 - GPU, more rows (prefill, training-free eval): dequantize once to ``x.dtype`` with the
   Pallas dequant kernel, then a dense tensor-core matmul with fp32 accumulation; at these
   sizes the matmul is compute-bound and the extra ``[in, out]`` write is cheap.
 - GPU, routed experts: always the grouped Pallas kernel (``ragged_dot`` on GPU has been
-  seen to fall back to a padded dense matmul, DESIGN.md §7).
+  seen to fall back to a padded dense matmul, docs/platform.md).
 - Any other backend (CPU): the pure-jnp references in ``awq.py``, so the model runs anywhere.
 """
 
@@ -16,7 +17,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsv2_jax.quant.awq import AWQWeight, awq_grouped_matmul_reference, awq_matmul_reference
+from dsv2_jax import kernels
+from dsv2_jax.quant.awq import (
+    AWQWeight,
+    awq_grouped_matmul_reference,
+    awq_matmul_reference,
+)
 
 # Largest row count that takes the fused kernel. Past it the fused kernel's tiles of
 # <= 64 rows re-read and re-unpack the weights once per row tile, and a dense bf16
@@ -46,10 +52,6 @@ def awq_linear(x: jax.Array, w: AWQWeight) -> jax.Array:
     rows = math.prod(lead)
     if not _use_kernels(w) or rows == 0:
         return awq_matmul_reference(x, w)
-    # Imported here: the kernels import dsv2_jax.quant.awq, so a top-level import
-    # would be circular through dsv2_jax/quant/__init__.py.
-    from dsv2_jax import kernels
-
     x2 = x.reshape(rows, w.in_features)
     if rows <= FUSED_MAX_ROWS:
         y = kernels.awq_matmul(x2, w, implementation="triton")
@@ -64,6 +66,4 @@ def awq_grouped_linear(x_sorted: jax.Array, w: AWQWeight, group_sizes: jax.Array
     ``[E, in, out/8]``, ``group_sizes`` int32 ``[E]`` -> ``[M, out]`` in ``x.dtype``."""
     if not _use_kernels(w):
         return awq_grouped_matmul_reference(x_sorted, w, group_sizes)
-    from dsv2_jax import kernels  # not at top level: see awq_linear
-
     return kernels.awq_grouped_matmul(x_sorted, w, group_sizes, implementation="triton")

@@ -9,12 +9,9 @@ JAX as soon as it is complete, so peak host memory stays near the size of the pa
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -22,17 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .atomic import atomic_folder
 from .config import DeepseekV2Config
+from .errors import CheckpointError
 from .hub import resolve_model_path
 from .model import DeepseekV2
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _QUANT_LEAVES = ("qweight", "qzeros", "scales")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model: names the file and the tensor."""
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +74,7 @@ def _hub_shape(shape: tuple, transpose: bool, stacked: bool) -> tuple:
 # loading
 
 
-def _index(folder: Path) -> dict[str, str]:
+def read_weight_map(folder: Path) -> dict[str, str]:
     """tensor name -> file name, from the index (sharded) or the single file."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -91,7 +86,7 @@ def _index(folder: Path) -> dict[str, str]:
     if single.exists():
         from safetensors import safe_open
 
-        with _open(single, safe_open) as f:
+        with open_safetensors(single, safe_open) as f:
             return {k: single.name for k in f.keys()}
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     raise CheckpointError(
@@ -100,7 +95,7 @@ def _index(folder: Path) -> dict[str, str]:
     )
 
 
-def _open(path: Path, safe_open):
+def open_safetensors(path: Path, safe_open):
     if not path.exists():
         raise CheckpointError(f"{path}: file named in the index is missing")
     try:
@@ -135,11 +130,11 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     folder = resolve_model_path(path_or_repo_id, revision)
     cfg = DeepseekV2Config.from_json(folder / "config.json")
     abstract = nnx.eval_shape(
-        lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype))
+        lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, mesh=mesh))
     graphdef, state = nnx.split(abstract)
     table = _param_table(state)
     flat = dict(nnx.to_flat_state(state))
-    weight_map = _index(folder)
+    weight_map = read_weight_map(folder)
     n_exp = cfg.n_routed_experts
 
     # Which expected names are in the checkpoint; accept transformers-5 fused experts too.
@@ -202,7 +197,7 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
         by_file.setdefault(f, []).append(k)
     for fname, names in by_file.items():
         fpath = folder / fname
-        with _open(fpath, safe_open) as f:
+        with open_safetensors(fpath, safe_open) as f:
             present = set(f.keys())
             for k in names:
                 if k not in present:
@@ -231,10 +226,6 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     for path, var in nnx.to_flat_state(state):
         var.set_value(values[path])
     model = nnx.merge(graphdef, state)
-    if mesh is not None:
-        from .sharding import set_expert_mesh
-
-        set_expert_mesh(model, mesh)
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
         from .tokenizer import load_tokenizer as _load_tok
@@ -280,28 +271,6 @@ def _put_fused(cfg, table, put, m, array, fpath, k):
 
 # ---------------------------------------------------------------------------
 # saving
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: Path):
-    """Yield a temporary folder beside ``folder``; when the block succeeds it replaces
-    ``folder`` by renames, so readers see the old folder or the new one, never half of one.
-    On error the temporary folder is removed and ``folder`` is untouched."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save(model: DeepseekV2, folder, *, max_shard_bytes: int = 4 << 30, tokenizer=None) -> Path:

@@ -6,7 +6,7 @@ transformers both read it. The special tokens take the last two ids, as in DeepS
 
 Example::
 
-    python -m dsv2_jax.train.bpe --input corpus.txt --vocab-size 6000 --out my_tokenizer
+    python -m dsv2_jax.training.bpe --input corpus.txt --vocab-size 6000 --out my_tokenizer
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from .data import open_text
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -62,8 +64,8 @@ def train_bpe(texts: list[str], vocab_size: int, out: str | Path, *, model_max_l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsv2_jax.train.bpe", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, nargs="+", help="text files")
+    p = argparse.ArgumentParser(prog="python -m dsv2_jax.training.bpe", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True, nargs="+", help="text files (.txt or .txt.gz)")
     p.add_argument("--vocab-size", type=int, default=6000)
     p.add_argument("--out", required=True)
     p.add_argument("--train-fraction", type=float, default=0.95,
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     texts = []
     for f in args.input:
-        t = Path(f).read_text(encoding="utf-8")
+        with open_text(Path(f)) as fh:
+            t = fh.read()
         texts.append(t[: int(len(t.encode()) * args.train_fraction)] if args.train_fraction < 1 else t)
     print(train_bpe(texts, args.vocab_size, args.out))
     return 0

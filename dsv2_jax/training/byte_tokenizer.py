@@ -9,7 +9,7 @@ and transformers treat it like any other.
 
 Example::
 
-    from dsv2_jax.train.byte_tokenizer import write_byte_tokenizer
+    from dsv2_jax.training.byte_tokenizer import write_byte_tokenizer
     from dsv2_jax.tokenizer import load_tokenizer
     tok = load_tokenizer(write_byte_tokenizer("/tmp/bytes"))
     tok.encode("hé")   # [104, 195, 169]
@@ -20,7 +20,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .bpe import BOS, CHAT_TEMPLATE, EOS  # DeepSeek-V2's special tokens and chat template
+from .bpe import (  # DeepSeek-V2's special tokens and chat template
+    BOS,
+    CHAT_TEMPLATE,
+    EOS,
+)
 
 VOCAB_SIZE = 258  # 256 bytes + BOS + EOS
 

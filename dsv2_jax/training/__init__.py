@@ -2,7 +2,7 @@
 
 Example::
 
-    from dsv2_jax.train import lr_schedule, make_optimizer, cross_entropy, total_balance_loss
+    from dsv2_jax.training import lr_schedule, make_optimizer, cross_entropy, total_balance_loss
 
     schedule = lr_schedule(4.2e-4, warmup_steps=2000, total_steps=10_000)
     tx = make_optimizer(schedule)           # clip 1.0, AdamW(0.9, 0.95), weight decay 0.1

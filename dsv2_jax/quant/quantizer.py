@@ -7,7 +7,7 @@ GEMM checkpoints (``qweight``/``qzeros``/``scales`` per linear, other tensors fp
 
 Example::
 
-    python -m dsv2_jax.quantize --model ./my-finetune --out ./my-finetune-awq --group-size 64
+    python -m dsv2_jax.quant --model ./my-finetune --out ./my-finetune-awq --group-size 64
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import CheckpointError, _index, _open, atomic_folder
+from ..atomic import atomic_folder
 from ..config import DeepseekV2Config
+from ..errors import CheckpointError
 from ..hub import resolve_model_path
+from ..hub_format import open_safetensors, read_weight_map
 from .awq import quantize_rtn
 
 # Every linear inside a decoder layer; not the router (mlp.gate), embeddings, lm_head, norms.
@@ -69,10 +71,10 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, max_shard_bytes: int 
             size += arr.nbytes
 
         by_file: dict[str, list[str]] = {}
-        for k, f in _index(src).items():
+        for k, f in read_weight_map(src).items():
             by_file.setdefault(f, []).append(k)
         for fname, names in by_file.items():
-            with _open(src / fname, safe_open) as f:
+            with open_safetensors(src / fname, safe_open) as f:
                 for k in names:
                     if _FUSED.match(k):
                         raise CheckpointError(f"{src / fname}: tensor {k!r} holds fused experts; "
@@ -118,7 +120,7 @@ def quantize(model_or_path, out, group_size: int = 64) -> Path:
     """RTN-quantize a loaded model (saved first) or a checkpoint folder into AWQ format."""
     if isinstance(model_or_path, (str, os.PathLike)):
         return quantize_checkpoint(model_or_path, out, group_size)
-    from ..checkpoint import save
+    from ..hub_format import save
 
     with tempfile.TemporaryDirectory(prefix="dsv2-dense-") as d:
         dense = save(model_or_path, Path(d) / "dense")

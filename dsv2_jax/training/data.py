@@ -4,6 +4,7 @@
   ``{"text": ...}`` (pre-training: loss on every token) or ``{"messages": [...]}`` (chat SFT,
   rendered with the tokenizer's chat template; loss only on the assistant turns, their EOS
   included). Text documents are wrapped as ``BOS text EOS``; the chat template adds its own BOS.
+  Either kind may be gzip-compressed (``.txt.gz``, ``.jsonl.gz``) and is then read directly.
 * All documents, in file order, form one token stream. With ``heldout_fraction`` f the last f
   of the stream is held out for evaluation. The rest is cut into rows of ``seq_len + 1`` tokens
   overlapping by one (row r is tokens ``[r L, (r+1) L]``), so every token is a target once.
@@ -30,17 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from ..tokenizer import Tokenizer, validate_messages
-
-
-class DataError(ValueError):
-    """Bad training data: names the file (and line) and what is wrong."""
 
 
 @dataclasses.dataclass
@@ -86,7 +85,17 @@ def expand_paths(patterns: Sequence[str], key: str = "data.train") -> list[Path]
 def _format_of(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    return "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return "jsonl" if suffixes and suffixes[-1] in (".jsonl", ".json", ".ndjson") else "text"
+
+
+def open_text(path: Path):
+    """A text file or its gzip-compressed form (``*.gz``), read as UTF-8."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def read_records(path: Path, fmt: str = "auto", text_key: str = "text",
@@ -97,11 +106,15 @@ def read_records(path: Path, fmt: str = "auto", text_key: str = "text",
     """
     if _format_of(path, fmt) == "text":
         try:
-            yield str(path), ("text", path.read_text(encoding="utf-8"))
+            with open_text(path) as f:
+                text = f.read()
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise DataError(f"{path}: not a complete gzip file ({e})") from None
+        yield str(path), ("text", text)
         return
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, start=1):
             where = f"{path}:{n}"
             if not line.strip():

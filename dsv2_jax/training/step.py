@@ -110,7 +110,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
     each expert, averaged over micro-batches). ``nan_at_step`` (1-based) makes that step's loss
     and gradients NaN, to test the NaN guard.
 
-    The batch is a dict of [A, B, T] arrays (``dsv2_jax.train.data.pack_rows`` gives [B, T]):
+    The batch is a dict of [A, B, T] arrays (``dsv2_jax.training.data.pack_rows`` gives [B, T]):
     inputs, targets, loss_mask, segments (document number within the row), positions. The
     balance loss treats each packed row as one sequence (DESIGN.md §2's T is the row length).
 

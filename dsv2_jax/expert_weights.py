@@ -1,0 +1,140 @@
+"""The routed experts' weights, stacked ``[E, in, out]``: dense, or AWQ 4-bit kept packed.
+
+``ExpertWeights`` is the module; :meth:`ExpertWeights.stacked` gives the value the MoE
+dispatch passes around (through ``jax.shard_map`` too): a dense array or a stacked
+``AWQWeight``. The MoE layer never looks inside that value; it calls the functions here:
+
+- :func:`tie` — the packed words made data-dependent on the layer's input (``layers.tie_to``);
+- :func:`gathered_matmul` — few (token, expert) pairs (decode): each row reads its own expert;
+- :func:`grouped_matmul` — many pairs sorted by expert: one grouped matmul. On GPU that is the
+  AWQ grouped Pallas kernel or ``jax.lax.ragged_dot``; on CPU a tiled matmul that skips empty
+  tiles, since XLA's CPU ``ragged_dot`` multiplies every row by every expert (docs/platform.md);
+- :func:`checked_in_shard_map` — whether ``shard_map`` may check varying-axes types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .layers import QuantizedWeight, normal_init, tie_to
+from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
+from .quant.ops import awq_grouped_linear
+from .sharding import vary_like, zeros_like_varying
+
+Stacked = jax.Array | AWQWeight  # [E, in, out] dense, or its packed AWQ form
+
+
+class ExpertWeights(nnx.Module):
+    """A stack of E matrices [E, in, out] for the routed experts (dense or AWQ)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, init_std: float = 0.02, quant=None, name: str = ""):
+        if quant is not None and not quant.applies_to(name):
+            quant = None
+        self.n, self.in_features, self.out_features = n, in_features, out_features
+        self.quantized = quant is not None
+        if quant is None:
+            self.weight = nnx.Param(normal_init(rngs, (n, in_features, out_features), init_std, param_dtype))
+        else:
+            q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size, stack=n)
+            self.group_size = quant.group_size
+            self.qweight, self.qzeros, self.scales = (
+                QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
+
+    def stacked(self) -> Stacked:
+        """The weight as the dispatch passes it: a dense array or a stacked AWQWeight."""
+        if not self.quantized:
+            return self.weight[...]
+        return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
+                         group_size=self.group_size, in_features=self.in_features,
+                         out_features=self.out_features)
+
+
+def _is_dense(w: Stacked) -> bool:
+    return isinstance(w, jax.Array)
+
+
+def out_features(w: Stacked) -> int:
+    return w.shape[-1] if _is_dense(w) else w.out_features
+
+
+def tie(w: Stacked, x: jax.Array) -> Stacked:
+    """Packed experts are unpacked only once ``x`` (this layer's input) exists (see
+    ``layers.tie_to``); dense weights are returned as they are."""
+    return w if _is_dense(w) else dataclasses.replace(w, qweight=tie_to(x, w.qweight))
+
+
+def checked_in_shard_map(*ws: Stacked) -> bool:
+    """Whether ``shard_map(check_vma=True)`` accepts a dispatch over ``ws``: the AWQ Pallas
+    kernel (GPU) declares outputs without shard_map's varying-axes type, so that path runs
+    unchecked (same results; AWQ weights get no gradients, so no backward collective is lost)."""
+    return all(_is_dense(w) for w in ws) or jax.default_backend() != "gpu"
+
+
+def expert(w: Stacked, e, dtype) -> jax.Array:
+    """Expert ``e`` of the stack as a dense [in, out] in ``dtype``."""
+    if _is_dense(w):
+        return w[e].astype(dtype)
+    return dequantize(jax.tree.map(lambda a: a[e], w), jnp.float32).astype(dtype)
+
+
+def gathered_matmul(x: jax.Array, w: Stacked, expert_ids: jax.Array) -> jax.Array:
+    """Few rows (decode): row m of x [M, in] times expert ``expert_ids[m]`` -> [M, out]."""
+    if _is_dense(w):
+        wsel = jnp.take(w, expert_ids, axis=0).astype(x.dtype)  # [M, in, out]
+    else:
+        wsel = dequantize(jax.tree.map(lambda a: jnp.take(a, expert_ids, axis=0), w),
+                          jnp.float32).astype(x.dtype)
+    return jnp.einsum("mk,mkn->mn", x, wsel)
+
+
+def grouped_matmul(x: jax.Array, w: Stacked, group_sizes: jax.Array) -> jax.Array:
+    """x [M, in] sorted by expert, ``group_sizes`` int32 [E] -> [M, out] in ``x.dtype``.
+    Rows past ``sum(group_sizes)`` belong to no expert and come out zero."""
+    on_gpu = jax.default_backend() == "gpu"
+    if not _is_dense(w) and on_gpu:
+        return awq_grouped_linear(x, w, group_sizes).astype(x.dtype)
+    if on_gpu:
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    return _tiled_grouped_matmul(x, w, group_sizes)
+
+
+def _tiled_grouped_matmul(x, w, group_sizes):
+    """Rows sorted by expert, cut into tiles of one expert each; empty tiles are skipped.
+
+    XLA's CPU ragged_dot multiplies every row by every expert (E times the work); this costs
+    at most (rows + used_experts * tile) rows of matmul instead.
+    """
+    m, k = x.shape
+    e = group_sizes.shape[0]
+    n = out_features(w)
+    tile = int(min(128, max(8, 1 << max(0, (m // e - 1)).bit_length())))
+    n_tiles = -(-m // tile) + e  # static bound on sum_e ceil(group_e / tile)
+    tiles_per = -(-group_sizes // tile)
+    tile_end = jnp.cumsum(tiles_per)  # inclusive
+    row_off = jnp.cumsum(group_sizes) - group_sizes
+    x_pad = jnp.concatenate([x, jnp.zeros((tile, k), x.dtype)])
+    w = vary_like(w, x)
+
+    def one(i):
+        ex = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), e - 1)
+        first_tile = tile_end[ex] - tiles_per[ex]
+        start = row_off[ex] + (i - first_tile) * tile
+        rows = start + jnp.arange(tile)
+        valid = (i < tile_end[-1]) & (rows < row_off[ex] + group_sizes[ex])
+
+        def compute(_):
+            xw = jax.lax.dynamic_slice_in_dim(x_pad, start, tile)
+            return jnp.dot(xw, expert(w, ex, x.dtype))
+
+        skip = lambda _: zeros_like_varying((tile, n), x.dtype, x, w)  # noqa: E731
+        y = jax.lax.cond(i < tile_end[-1], compute, skip, None)
+        return y, jnp.where(valid, rows, m)
+
+    ys, rows = jax.lax.map(one, jnp.arange(n_tiles))
+    out = jnp.zeros((m + 1, n), x.dtype).at[rows.reshape(-1)].set(ys.reshape(-1, n))
+    return out[:m]
