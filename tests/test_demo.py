@@ -65,3 +65,15 @@ def test_quickstart_notebook_runs():
                    resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "layers," in outputs and "decode" in outputs
+
+
+def test_model_card_recipe_reproduces_the_tokenizer(tmp_path):
+    """The model card's first command, run on the corpus shipped in the repo, rebuilds the
+    shipped tokenizer byte for byte."""
+    r = subprocess.run([sys.executable, "-m", "dsv2_jax.training.bpe", "--input",
+                        str(ROOT / "data" / "shakespeare.txt.gz"), "--vocab-size", "6000",
+                        "--out", str(tmp_path / "tok")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "tok" / name).read_bytes() == (demo_model_path() / name).read_bytes(), name

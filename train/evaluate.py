@@ -1,6 +1,6 @@
 """Held-out loss and expert load of a model folder: ``python -m train.evaluate``.
 
-    python -m train.evaluate dsv2_jax/demo/shakespeare --text ../shared/corpus/shakespeare.txt \
+    python -m train.evaluate dsv2_jax/demo/shakespeare --text data/shakespeare.txt.gz \
         --heldout-fraction 0.05 --seq-len 256 --dtype float32
 
 Tokenizes the text with the model's tokenizer, takes the last ``--heldout-fraction`` of the
@@ -67,7 +67,7 @@ def evaluate(model, windows: np.ndarray, batch: int = 8) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("model", help="model folder or hub repo id (with tokenizer files)")
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", required=True, help="text file to score (.txt or .txt.gz)")
     p.add_argument("--heldout-fraction", type=float, default=0.05)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-windows", type=int, default=None)
@@ -75,12 +75,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     import dsv2_jax
+    from dsv2_jax.training.data import open_text
 
     try:
         model = dsv2_jax.load(args.model, dtype=args.dtype)
         if model.tokenizer is None:
             raise ValueError(f"{args.model}: no tokenizer files")
-        text = Path(args.text).read_text(encoding="utf-8")
+        with open_text(Path(args.text)) as f:
+            text = f.read()
         windows = heldout_windows(model.tokenizer, text, args.heldout_fraction, args.seq_len,
                                   args.max_windows)
         print(json.dumps(evaluate(model, windows, args.batch)))
