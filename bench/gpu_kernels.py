@@ -33,7 +33,7 @@ from dsv2_jax import kernels
 from dsv2_jax.quant import ops
 from dsv2_jax.quant.awq import AWQWeight
 
-GROUP_SIZE = 64  # V2(-Lite) AWQ checkpoints (DESIGN.md §4)
+GROUP_SIZE = 64  # V2(-Lite) AWQ checkpoints (docs/awq.md)
 LINEARS = {  # name: (in, out)
     "q_proj": (2048, 3072),
     "kv_a_proj": (2048, 576),

@@ -7,22 +7,17 @@ Example::
     logits = model(jnp.array([[100000, 2054, 318]]))   # float32 [1, 3, 102400]
 """
 
-from .config import ConfigError, DeepseekV2Config, QuantConfig, RopeScaling
+from .config import DeepseekV2Config, QuantConfig, RopeScaling
+from .errors import CheckpointError, ConfigError, DataError, Dsv2Error, HubError
 from .generation import GenerationResult, generate, stream
-from .hub import HubError
-from .hub_format import CheckpointError, load, save
+from .hub_format import load, save
 from .model import DeepseekV2, ModelOutput
 from .quant.quantizer import quantize
+from .tokenizer import load_tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DeepseekV2", "DeepseekV2Config", "HubError",
+    "CheckpointError", "ConfigError", "DataError", "DeepseekV2", "DeepseekV2Config", "Dsv2Error", "HubError",
     "GenerationResult", "ModelOutput", "QuantConfig", "RopeScaling", "generate", "load",
     "load_tokenizer", "quantize", "save", "stream",
 ]
 
-
-def load_tokenizer(folder):
-    """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a model folder."""
-    from .tokenizer import load_tokenizer as _load
-
-    return _load(folder)

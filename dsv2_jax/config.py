@@ -96,7 +96,7 @@ class DeepseekV2Config:
 
     @property
     def softmax_scale(self) -> float:
-        """192^-0.5 times YaRN's mscale(factor, mscale_all_dim)^2 (DESIGN.md §2)."""
+        """192^-0.5 times YaRN's mscale(factor, mscale_all_dim)^2 (docs/model.md#rope-and-yarn)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs is not None and rs.mscale_all_dim:

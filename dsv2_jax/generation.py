@@ -30,6 +30,7 @@ from flax import nnx
 from .cache import KVCache, init_cache
 from .mla import AttentionMode
 from .sampling import SamplingParams, mark_seen, sample, seen_mask_from_tokens
+from .tokenizer import StreamDecoder
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill call; bounds attention memory to chunk × cache
 MIN_BUCKET = 16  # prompts are padded to a power of two >= this (then to multiples of the chunk)
@@ -319,8 +320,6 @@ def stream(model, tokenizer=None, *, prompts=None, messages=None, prompt_ids=Non
 
 
 def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterator[str]:
-    from .tokenizer import StreamDecoder
-
     dec = StreamDecoder(tokenizer)
     eos, text, held, new_ids, reason = sess.static["eos_id"], "", "", [], "length"
     stop = [s for s in (stop or []) if s]

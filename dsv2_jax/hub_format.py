@@ -24,6 +24,8 @@ from .config import DeepseekV2Config
 from .errors import CheckpointError
 from .hub import resolve_model_path
 from .model import DeepseekV2
+from .sharding import sharding_for
+from .tokenizer import load_tokenizer as _load_tok
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -228,16 +230,12 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     model = nnx.merge(graphdef, state)
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
-        from .tokenizer import load_tokenizer as _load_tok
-
         model.tokenizer = _load_tok(folder)
     return model
 
 
 def _shardings(state, mesh) -> dict[tuple, jax.sharding.Sharding]:
     """State path -> NamedSharding under dsv2_jax.sharding's rules."""
-    from .sharding import sharding_for
-
     return {path: sharding_for(path, var.get_value().shape, mesh)
             for path, var in nnx.to_flat_state(state)}
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding with DeepSeek's YaRN scaling (DESIGN.md §2).
+"""Rotary position embedding with DeepSeek's YaRN scaling (docs/model.md#rope-and-yarn).
 
 Pure functions: the inverse frequencies are computed once on the host in float64
 (then float32, as the reference does), cos/sin per position inside the jitted step.

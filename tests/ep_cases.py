@@ -116,7 +116,7 @@ def case_awq_fsdp(folder: str, awq_folder: str) -> dict:
 def case_cuda_lowering() -> dict:
     """Trace the expert-parallel dispatch as on a GPU (ragged_dot for dense experts, the Triton
     grouped kernel for AWQ ones) and lower it for CUDA: catches what shard_map or Pallas would
-    refuse there, without a GPU (DESIGN.md §7)."""
+    refuse there, without a GPU (docs/platform.md)."""
     from dsv2_jax import moe
     from dsv2_jax.quant.awq import AWQWeight
 
@@ -149,7 +149,7 @@ def case_cuda_lowering() -> dict:
 
 
 def loss_fn(params, graphdef, rest, ids):
-    """Mean next-token cross-entropy + the expert-balance loss (DESIGN.md §2)."""
+    """Mean next-token cross-entropy + the expert-balance loss (docs/training.md#expert-balance-loss)."""
     from flax import nnx
 
     from dsv2_jax.training.losses import cross_entropy, total_balance_loss

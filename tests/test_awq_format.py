@@ -1,4 +1,4 @@
-"""The AWQ GEMM format (dsv2_jax/quant/awq.py) against a decoder written here from DESIGN.md §4."""
+"""The AWQ GEMM format (dsv2_jax/quant/awq.py) against a decoder written here from docs/awq.md."""
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,7 @@ def test_rope_scaling_and_rope_parameters_forms_agree():
 
 
 def test_softmax_scale_matches_design():
-    # DESIGN.md §2: 192^-0.5 * (0.1 * 0.707 * ln 40 + 1)^2 = 0.1147214
+    # docs/model.md#rope-and-yarn: 192^-0.5 * (0.1 * 0.707 * ln 40 + 1)^2 = 0.1147214
     assert DeepseekV2Config.v2_lite().softmax_scale == pytest.approx(0.1147214, abs=1e-7)
 
 

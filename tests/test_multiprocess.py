@@ -1,4 +1,4 @@
-"""Two processes × two CPU devices on localhost (jax.distributed over gloo, DESIGN.md §7).
+"""Two processes × two CPU devices on localhost (jax.distributed over gloo, docs/platform.md).
 
 The expert axis (size 4) spans both processes: each loads only its own 4 of the 8 routed
 experts per layer, runs a forward pass, one AdamW step of cross-entropy + balance loss and a

@@ -58,7 +58,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "Hello!"},
     {"role": "user", "content": "What is 2+2?"},
 ]
-# DESIGN.md §5: {bos}{system}\n\nUser: {u1}\n\nAssistant: {a1}{eos}User: {u2}\n\nAssistant:
+# docs/tokenizer.md: {bos}{system}\n\nUser: {u1}\n\nAssistant: {a1}{eos}User: {u2}\n\nAssistant:
 CONVERSATION_TEXT = (
     f"{BOS}You are a helpful assistant.\n\nUser: Hi\n\nAssistant: Hello!{EOS}User: What is 2+2?\n\nAssistant:"
 )

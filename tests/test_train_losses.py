@@ -1,4 +1,4 @@
-"""Cross-entropy and the expert-balance loss (DESIGN.md §2) against hand computations."""
+"""Cross-entropy and the expert-balance loss (docs/training.md#expert-balance-loss) against hand computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""LR schedule against hand-computed values (DESIGN.md §6: peak 4.2e-4, warm-up 2000)."""
+"""LR schedule against hand-computed values (docs/training.md: peak 4.2e-4, warm-up 2000)."""
 
 import jax
 import jax.numpy as jnp

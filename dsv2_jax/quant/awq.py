@@ -1,4 +1,4 @@
-"""The AutoAWQ "GEMM" 4-bit format, in one place (DESIGN.md §4).
+"""The AutoAWQ "GEMM" 4-bit format, in one place (docs/awq.md).
 
 A quantized linear ``in -> out`` with group size ``G`` is stored as
 

@@ -31,7 +31,7 @@ FUSED_MAX_ROWS = 64
 
 
 def _use_kernels(w: AWQWeight) -> bool:
-    # The Triton kernels tile K by a power of two dividing the group size (DESIGN.md §4:
+    # The Triton kernels tile K by a power of two dividing the group size (docs/awq.md:
     # real checkpoints use 64); anything else, or a non-GPU backend, takes the reference.
     g = w.group_size
     return jax.default_backend() == "gpu" and g >= 16 and g & (g - 1) == 0

@@ -25,7 +25,7 @@ from ..atomic import atomic_folder
 from ..config import DeepseekV2Config
 from ..errors import CheckpointError
 from ..hub import resolve_model_path
-from ..hub_format import open_safetensors, read_weight_map
+from ..hub_format import open_safetensors, read_weight_map, save
 from .awq import quantize_rtn
 
 # Every linear inside a decoder layer; not the router (mlp.gate), embeddings, lm_head, norms.
@@ -120,8 +120,6 @@ def quantize(model_or_path, out, group_size: int = 64) -> Path:
     """RTN-quantize a loaded model (saved first) or a checkpoint folder into AWQ format."""
     if isinstance(model_or_path, (str, os.PathLike)):
         return quantize_checkpoint(model_or_path, out, group_size)
-    from ..hub_format import save
-
     with tempfile.TemporaryDirectory(prefix="dsv2-dense-") as d:
         dense = save(model_or_path, Path(d) / "dense")
         return quantize_checkpoint(dense, out, group_size)

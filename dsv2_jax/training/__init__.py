@@ -1,4 +1,4 @@
-"""Training pieces as pure functions: LR schedule, losses, optimizer (DESIGN.md §2, §6).
+"""Training pieces as pure functions: LR schedule, losses, optimizer (docs/training.md).
 
 Example::
 

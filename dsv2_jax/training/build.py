@@ -10,7 +10,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, bad_value
+import jax
+from flax import nnx
+
+from .. import sharding
+from ..config import DeepseekV2Config, RopeScaling
+from ..errors import ConfigError, HubError
+from ..hub import resolve_model_path
+from ..hub_format import load
+from ..model import DeepseekV2
+from ..tokenizer import deepseek_v2_tokenizer_folder, load_tokenizer
+from .byte_tokenizer import write_byte_tokenizer
+from .config import TrainConfig, bad_value
+from .run_checkpoint import restore_params
 
 RUN_MODEL_CONFIG = "model_config.json"  # the model's hub config.json, in every run directory
 TOKENIZER_DIR = "tokenizer"  # the tokenizer files, copied into every run directory
@@ -23,9 +35,6 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def _apply_overrides(make, overrides: dict[str, Any], source: str):
-    from dsv2_jax.config import ConfigError as ModelConfigError
-    from dsv2_jax.config import DeepseekV2Config, RopeScaling
-
     fields = {f.name for f in dataclasses.fields(DeepseekV2Config)}
     kwargs = {}
     for k, v in overrides.items():
@@ -47,7 +56,7 @@ def _apply_overrides(make, overrides: dict[str, Any], source: str):
         cfg.validate(source)
     except TypeError as e:
         raise ConfigError(f"model.overrides: {e}") from None
-    except ModelConfigError as e:
+    except ConfigError as e:
         msg = str(e).removeprefix(f"{source}: ")
         raise ConfigError(f"model.overrides.{msg}") from None
     return cfg
@@ -55,9 +64,6 @@ def _apply_overrides(make, overrides: dict[str, Any], source: str):
 
 def model_config(cfg: TrainConfig):
     """(DeepseekV2Config, folder of the starting checkpoint or None)."""
-    from dsv2_jax.config import ConfigError as ModelConfigError
-    from dsv2_jax.config import DeepseekV2Config
-
     m = cfg.model
     if m.preset is not None:
         make = DeepseekV2Config.v2_lite if m.preset == "deepseek-v2-lite" else DeepseekV2Config.v2
@@ -67,7 +73,7 @@ def model_config(cfg: TrainConfig):
             base = DeepseekV2Config.from_json(m.config_json)
         except FileNotFoundError:
             raise bad_value("model.config_json", m.config_json, "file not found") from None
-        except ModelConfigError as e:
+        except ConfigError as e:
             raise ConfigError(f"model.config_json: {e}") from None
         return _apply_overrides(lambda **kw: dataclasses.replace(base, **kw), m.overrides,
                                 m.config_json), None
@@ -76,8 +82,6 @@ def model_config(cfg: TrainConfig):
         folder = Path(m.init_from)
         d = json.loads((folder / RUN_MODEL_CONFIG).read_text())
     else:
-        from dsv2_jax.hub import HubError, resolve_model_path
-
         try:
             folder = resolve_model_path(m.init_from)
         except (HubError, FileNotFoundError, NotADirectoryError) as e:
@@ -88,14 +92,14 @@ def model_config(cfg: TrainConfig):
             raise bad_value("model.init_from", m.init_from, f"{folder} has no config.json") from None
     try:
         base = DeepseekV2Config.from_dict(d, source=str(folder))
-    except ModelConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"model.init_from: {e}") from None
     if base.quantization is not None:
         raise bad_value("model.init_from", m.init_from,
                    "is an AWQ-quantized checkpoint; training needs dense weights")
     try:
         return base.replace(**m.overrides), folder
-    except ModelConfigError as e:
+    except ConfigError as e:
         raise ConfigError(f"model.overrides: {e}") from None
 
 
@@ -106,9 +110,6 @@ def prepare_tokenizer(cfg: TrainConfig, init_folder: Path | None, run_dir: Path,
     ``write=False`` (the processes other than 0 of a multi-process run) loads the same tokenizer
     without touching the run directory."""
     import tempfile
-
-    from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder, load_tokenizer
-    from dsv2_jax.training.byte_tokenizer import write_byte_tokenizer
 
     spec = cfg.data.tokenizer
     target = run_dir / TOKENIZER_DIR
@@ -166,11 +167,6 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
     With ``mesh`` (``dsv2_jax.sharding.make_mesh``) every parameter is created, read or
     restored straight into its sharding (no device or process holds a full copy) and the MoE
     layers dispatch across the mesh's ``expert`` axis."""
-    import jax
-    from flax import nnx
-
-    from dsv2_jax import DeepseekV2, sharding
-
     p = cfg.precision
 
     def fresh(seed):
@@ -182,8 +178,6 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
             return fresh(cfg.seed)
         return sharding.create_sharded(lambda: fresh(cfg.seed), mesh)
     if is_run_dir(init_folder):
-        from .run_checkpoint import restore_params
-
         model = nnx.eval_shape(lambda: fresh(0))
         graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
         shardings = None if mesh is None else sharding.tree_shardings(abstract, mesh)
@@ -192,9 +186,7 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
         if jax.process_index() == 0:
             print(f"init_from: {init_folder} step {step}")
         return nnx.merge(graphdef, params, rest)
-    import dsv2_jax
-
-    model = dsv2_jax.load(init_folder, dtype=p.param_dtype, compute_dtype=p.compute_dtype,
+    model = load(init_folder, dtype=p.param_dtype, compute_dtype=p.compute_dtype,
                           load_tokenizer=False, mesh=mesh)
     model.config = model_cfg  # aux_loss_alpha / seq_aux overrides; shapes are unchanged
     del model.tokenizer

@@ -8,7 +8,7 @@ the usual "6N" convention; at 4K context they add roughly 10% for V2-Lite.
 Example::
 
     counts = param_counts(DeepseekV2Config.v2_lite())
-    counts["active"]    # ≈ 2.45e9 (DESIGN.md §8: attention, dense layer 0, shared + 6 routed experts, lm_head)
+    counts["active"]    # ≈ 2.45e9 (docs/figures.md: attention, dense layer 0, shared + 6 routed experts, lm_head)
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import math
 
 from flax import nnx
 
+from ..model import DeepseekV2
+
 
 def param_counts(cfg) -> dict[str, int]:
     """{"total", "embedding", "routed_experts", "active"} for a DeepseekV2Config."""
-    from ..model import DeepseekV2
 
     abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0)))
     total = embedding = routed = 0

@@ -1,4 +1,4 @@
-"""Training losses: next-token cross-entropy and the expert-balance loss (DESIGN.md §2).
+"""Training losses: next-token cross-entropy and the expert-balance loss (docs/training.md#expert-balance-loss).
 
 Example::
 

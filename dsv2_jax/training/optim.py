@@ -1,4 +1,4 @@
-"""The optimizer of DESIGN.md §6: global-norm clipping, then AdamW with a weight-decay mask.
+"""The optimizer of docs/training.md: global-norm clipping, then AdamW with a weight-decay mask.
 
 Example::
 

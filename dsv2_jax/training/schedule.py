@@ -1,4 +1,4 @@
-"""The DeepSeek-V2 LR schedule: linear warm-up, constant, two step decays (DESIGN.md §6).
+"""The DeepSeek-V2 LR schedule: linear warm-up, constant, two step decays (docs/training.md).
 
 Step convention (the one optax uses): ``lr(s)`` is the learning rate of update number ``s``
 (0-based), the update applied after ``s`` earlier updates; it is computed from the tokens

@@ -1,5 +1,5 @@
 """The jitted training step: forward with optional remat, CE + balance loss, gradient
-accumulation over micro-batches, clipping + AdamW (DESIGN.md §2, §6).
+accumulation over micro-batches, clipping + AdamW (docs/training.md).
 
 The model is split once into a graph definition and its ``nnx.Param`` state; the step is a pure
 function of a ``TrainState`` pytree (params, optimizer state, step, RNG), so it jits, shards and
@@ -112,7 +112,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
 
     The batch is a dict of [A, B, T] arrays (``dsv2_jax.training.data.pack_rows`` gives [B, T]):
     inputs, targets, loss_mask, segments (document number within the row), positions. The
-    balance loss treats each packed row as one sequence (DESIGN.md §2's T is the row length).
+    balance loss treats each packed row as one sequence (the T of docs/training.md#expert-balance-loss is the row length).
 
     ``param_shardings`` (a NamedSharding per parameter, ``dsv2_jax.sharding.tree_shardings``)
     pins the float32 gradient accumulator to the parameters' layout, so FSDP / expert-sharded

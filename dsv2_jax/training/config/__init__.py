@@ -16,9 +16,24 @@ Modules: ``schema`` (the sections and their defaults), ``parse`` (YAML, override
 from ...errors import ConfigError
 from .parse import apply_overrides, from_dict, load_config, resolve_paths
 from .schema import (  # noqa: I001
-    DATA_FORMATS, DTYPES, PRESETS, REMAT_POLICIES, BatchSection, CheckpointSection, DataSection,
-    DebugSection, EvalSection, LoggingSection, MeshSection, ModelSection, OptimizerSection,
-    PrecisionSection, RematSection, ScheduleSection, TrainConfig, bad_value,
+    DATA_FORMATS,
+    DTYPES,
+    PRESETS,
+    REMAT_POLICIES,
+    BatchSection,
+    CheckpointSection,
+    DataSection,
+    DebugSection,
+    EvalSection,
+    LoggingSection,
+    MeshSection,
+    ModelSection,
+    OptimizerSection,
+    PrecisionSection,
+    RematSection,
+    ScheduleSection,
+    TrainConfig,
+    bad_value,
 )
 from .validate import check_data_axis, mesh_sizes, validate
 
