@@ -21,7 +21,10 @@ or from Python, in each process::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from typing import Iterator, TextIO
 
 import jax
 
@@ -66,3 +69,33 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # (No backend query here: backends must not start before jax.distributed.initialize.)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+@contextlib.contextmanager
+def results_stdout() -> Iterator[TextIO]:
+    """A stream for a program's results, with file descriptor 1 sent to stderr meanwhile.
+
+    Native libraries write their logs to fd 1 (Gloo's ``[Gloo] Rank 0 is connected to 3 peer
+    ranks`` in multi-process runs), and ``print()`` in library code goes to ``sys.stdout``;
+    inside this block both land on stderr, and only what the program writes to the yielded
+    stream reaches the real stdout, so ``--json`` output stays JSON. fd 1 is restored after.
+
+    Example::
+
+        with results_stdout() as out:
+            print(json.dumps(result), file=out)
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    out = os.fdopen(os.dup(saved), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            out.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        with contextlib.suppress(OSError, ValueError):
+            out.close()

@@ -4,7 +4,8 @@
     python -m infer.generate --model deepseek-ai/DeepSeek-V2-Lite-Chat --chat
     python -m infer.generate --model ./my-model --prompt "ROMEO:" --temperature 0.8 --json
 
-Text streams to stdout as it is generated; prefill and decode tokens/s go to stderr.
+Text streams to stdout as it is generated (``--json``: one JSON object); everything else
+(prefill and decode tokens/s, messages, logs of native libraries such as Gloo's) goes to stderr.
 
 Across devices and processes (``dsv2_jax.sharding``, ``dsv2_jax.distributed``)::
 
@@ -25,9 +26,10 @@ import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="model folder or hub repo id (default: the bundled demo model)")
-    p.add_argument("--prompt", help="prompt text (default: a short sample prompt)")
+    p.add_argument("--prompt", default="ROMEO:", help="prompt text")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the chat template")
     p.add_argument("--system", help="system message for --chat / chat-formatted prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,7 +82,8 @@ def _mesh(args):
     return sharding.make_mesh(expert=args.expert, fsdp=args.fsdp)
 
 
-def run(args) -> int:
+def run(args, out) -> int:
+    """Generate as ``args`` say; results go to ``out``, everything else to stderr."""
     import dsv2_jax
     from dsv2_jax.sampling import SamplingParams
 
@@ -88,6 +91,9 @@ def run(args) -> int:
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty).validate()
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens = {args.max_new_tokens}: expected >= 1")
+    if args.chat and args.json:
+        raise ValueError("--json prints one prompt's result as one JSON object; it does not apply "
+                         "to --chat (use --prompt with --json)")
     mesh = _mesh(args)
     import jax
 
@@ -111,30 +117,31 @@ def run(args) -> int:
         raise ValueError(f"{model_path}: no tokenizer.json/tokenizer_config.json in the model folder")
     kw = _sampling(args)
     if args.chat:
-        return _chat(model, tok, args, kw)
-    prompt = args.prompt if args.prompt is not None else "ROMEO:"
+        return _chat(model, tok, args, kw, out)
+    prompt = args.prompt
     source = dict(messages=_with_system(args, [{"role": "user", "content": prompt}])) if args.system \
         else dict(prompts=[prompt])
     if args.json:
-        out = dsv2_jax.generate(model, tok, **source, **kw)
+        res = dsv2_jax.generate(model, tok, **source, **kw)
         if lead:
-            print(json.dumps({"prompt_ids": out.prompt_ids[0], "output_ids": out.token_ids[0],
-                              "text": out.texts[0], "finish_reason": out.finish_reasons[0],
-                              "prefill_tokens_per_s": out.prefill_tokens_per_s,
-                              "decode_tokens_per_s": out.decode_tokens_per_s,
-                              "prefill_s": out.prefill_s, "decode_s": out.decode_s,
-                              "includes_compilation": out.compiled},
-                             ensure_ascii=False))
+            print(json.dumps({"prompt_ids": res.prompt_ids[0], "output_ids": res.token_ids[0],
+                              "text": res.texts[0], "finish_reason": res.finish_reasons[0],
+                              "prefill_tokens_per_s": res.prefill_tokens_per_s,
+                              "decode_tokens_per_s": res.decode_tokens_per_s,
+                              "prefill_s": res.prefill_s, "decode_s": res.decode_s,
+                              "includes_compilation": res.compiled},
+                             ensure_ascii=False), file=out)
         return 0
     stats: dict = {}
+    pieces = dsv2_jax.stream(model, tok, **source, **kw, stats=stats)  # validates, prefills
     if lead and not args.system:
-        sys.stdout.write(prompt)
-    for piece in dsv2_jax.stream(model, tok, **source, **kw, stats=stats):
+        out.write(prompt)
+    for piece in pieces:
         if lead:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            out.write(piece)
+            out.flush()
     if lead:
-        sys.stdout.write("\n")
+        out.write("\n")
         _report(stats)
     return 0
 
@@ -143,7 +150,7 @@ def _with_system(args, messages):
     return ([{"role": "system", "content": args.system}] if args.system else []) + messages
 
 
-def _chat(model, tok, args, kw) -> int:
+def _chat(model, tok, args, kw, out) -> int:
     import dsv2_jax
 
     history: list[dict] = []
@@ -158,21 +165,24 @@ def _chat(model, tok, args, kw) -> int:
         history.append({"role": "user", "content": user})
         stats: dict = {}
         reply = ""
-        sys.stdout.write("Assistant: ")
+        out.write("Assistant: ")
         for piece in dsv2_jax.stream(model, tok, messages=_with_system(args, history), **kw, stats=stats):
             reply += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            out.write(piece)
+            out.flush()
+        out.write("\n")
         _report(stats)
         history.append({"role": "assistant", "content": reply})
     return 0
 
 
 def main(argv=None) -> int:
+    from dsv2_jax.distributed import results_stdout
+
     args = parse_args(argv)
     try:
-        return run(args)
+        with results_stdout() as out:
+            return run(args, out)
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError) as e:  # bad folder, hub unreachable, bad values: one clear line

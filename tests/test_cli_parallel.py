@@ -71,3 +71,26 @@ def test_bad_mesh_is_one_clear_line(model_dir, args, pattern):
     assert rc == 2, err
     assert pattern in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_two_processes_print_json_on_stdout_and_logs_on_stderr(model_dir):
+    """Gloo logs its peer connections to fd 1; with --json, process 0's stdout must still be
+    exactly one JSON object (and process 1's empty)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--model", str(model_dir), "--prompt", "Hello world", "--max-new-tokens", "6",
+              "--dtype", "float32", "--json", "--ignore-eos", "--expert", "4",
+              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [_start(2, *common, "--process-id", str(i)) for i in range(2)]
+    res = [_finish(p) for p in procs]
+    for i, (rc, _, err) in enumerate(res):
+        assert rc == 0, f"process {i}:\n{err[-4000:]}"
+    out = json.loads(res[0][1])  # the whole of stdout is one JSON object
+    assert len(out["output_ids"]) == 6 and out["text"]
+    assert res[1][1] == ""
+    assert "[Gloo]" in res[0][2]  # the logs that used to land in stdout went to stderr
+    one = json.loads(_finish(_start(1, *common[:9]))[1])
+    assert out["output_ids"] == one["output_ids"]
