@@ -26,3 +26,7 @@ class HubError(Dsv2Error, OSError):
 
 class DataError(Dsv2Error, ValueError):
     """Bad training or calibration data: names the file (and line) and what is wrong."""
+
+
+class CheckpointSaveError(Dsv2Error, OSError):
+    """A run checkpoint could not be written (disk full, ...); the earlier ones are intact."""

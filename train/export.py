@@ -84,7 +84,8 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")

@@ -88,7 +88,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.plot", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
     args = p.parse_args(argv)

@@ -16,7 +16,14 @@ and the Orbax checkpoints are written by all of them together (each its own shar
 holds config.yaml, model_config.json, tokenizer/, checkpoints/, metrics.jsonl and tb/; when it
 already has checkpoints the run resumes from the latest one (``--resume`` insists on it).
 Exit status: 0 done, 2 bad config / data (one line on stderr, before anything is compiled),
-3 the loss became NaN or Inf (the last good checkpoint is kept).
+3 the loss became NaN or Inf (the last good checkpoint is kept), 4 a checkpoint could not be
+saved (disk full, ...; the previous ones are intact), 130 / 143 stopped by Ctrl-C / SIGTERM.
+
+Interrupts: Ctrl-C or SIGTERM (how cluster jobs are preempted) during the step loop lets the
+current step finish, saves a checkpoint of it, waits for every save in flight and exits
+(130 / 143); running the same command again resumes there. A second Ctrl-C stops at once, still
+waiting for saves already in flight. Before the loop starts (loading, compiling) they stop at
+once: nothing has been trained yet.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,6 +54,60 @@ RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision")
 
 class Diverged(RuntimeError):
     """The loss (or gradient norm) became NaN or Inf."""
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT / SIGTERM. During the step loop the first one asks to stop after the current
+    step (which saves a checkpoint); while the last saves finish it is noted and waited out.
+    Any other time, or the second time, the process exits at once with 128 + the signal: an
+    exception raised inside XLA's native code could crash the interpreter, and Orbax commits
+    a checkpoint by renaming it, so the checkpoints already complete stay intact."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.phase = "setup"  # setup | loop | finishing
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is None and self.phase != "setup":
+            self.received = signum
+            what = ("finishing this step, then saving a checkpoint" if self.phase == "loop"
+                    else "waiting for the checkpoint saves in flight")
+            print(f"{name}: {what} (again to stop at once)", file=sys.stderr, flush=True)
+            return
+        extra = "" if self.phase == "setup" else "; a checkpoint being written may be incomplete"
+        print(f"{name}: stopped at once (checkpoints already complete are intact{extra})",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def stop_requested(self, multi_process: bool) -> bool:
+        """Whether to stop now; every process of a multi-process run gets the same answer
+        (a signal reaches the processes at different steps, the checkpoint needs them all)."""
+        mine = self.received is not None
+        if not multi_process:
+            return mine
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(np.int32(mine)).any())
 
 
 @dataclasses.dataclass
@@ -165,6 +228,10 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _is_finite(*xs) -> bool:
     return all(math.isfinite(float(x)) for x in xs)
 
@@ -183,7 +250,16 @@ class _Quiet:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the training described by ``cfg``; returns a small summary dict."""
+    """Run (or resume) the training described by ``cfg``; returns a small summary dict.
+
+    Raises ConfigError / DataError / CheckpointError for bad input (before compiling),
+    Diverged, Interrupted (a signal; a checkpoint of the last step was saved) or
+    CheckpointSaveError."""
+    with _Signals() as signals:
+        return _train(cfg, resume, signals)
+
+
+def _train(cfg: TrainConfig, resume: bool, signals: _Signals) -> dict[str, Any]:
     import jax
     import numpy as np
 
@@ -208,12 +284,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     has_ckpt = ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
     if resume and not has_ckpt:
         raise ConfigError(f"--resume: no checkpoints in {ckpt_dir}")
-    if has_ckpt:
-        _check_resumable(cfg, run_dir)
 
     # ---- everything that can be wrong with the config or the data, before compiling ----
+    model_cfg, init_folder = build.model_config(cfg)  # unknown override keys first
+    if has_ckpt:
+        _check_resumable(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg, init_folder = build.model_config(cfg)
     sizes = mesh_sizes(cfg, jax.device_count(), model_cfg.n_routed_experts)
     tok = build.prepare_tokenizer(cfg, init_folder, run_dir, write=lead)
     model_cfg = build.check_model_against_data(cfg, model_cfg, tok, fresh=init_folder is None)
@@ -249,8 +325,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     state = t.state
     start = 0
     if has_ckpt:
-        start = ckpts.latest_step()
-        state, data_state = ckpts.restore(start, state)
+        start, state, data_state, skipped = ckpts.restore_latest(state)
+        for step, why, moved in skipped:
+            say(f"checkpoint {step} is unreadable ({why}); moved it to {moved}")
         batches.restore(data_state)
         say(f"resumed from {ckpt_dir / str(start)} (step {start} of {total})")
     if lead:
@@ -260,7 +337,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     layout = ", ".join(f"{k} {v}" for k, v in mesh.shape.items() if v > 1) or "one device"
     procs = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
-        f"per token; {corpus.n_documents} documents, {len(corpus.train)} training tokens; "
+        f"per token; {_plural(corpus.n_documents, 'document')}, {len(corpus.train)} training tokens; "
         f"{tokens_per_step} tokens/step = {t.accum} x {cfg.batch.micro_batch} x {mesh.size} "
         f"device(s) x {d.seq_len}; mesh: {layout}{procs}; {total} steps")
 
@@ -322,17 +399,28 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     c, k = t.eval_fn(state.params, put_batch(eb, mesh))
                     ce_sum, n = ce_sum + float(c), n + float(k)
                 log.write({"step": s, "eval_loss": ce_sum / max(n, 1.0), "eval_tokens": int(n)})
-            if s % cfg.checkpoint.every == 0 or s == total:
+            signals.phase = "loop"  # from the first finished step on, a signal means "save, stop"
+            stop = signals.stop_requested(jax.process_count() > 1)
+            if s % cfg.checkpoint.every == 0 or s == total or stop:
                 ckpts.save(state, data_state)
                 last_saved = s
+            if stop:
+                ckpts.wait()
+                name = signal.Signals(signals.received or signal.SIGTERM).name
+                raise Interrupted(signals.received or signal.SIGTERM,
+                                  f"{name}: stopped after step {s} of {total}; saved checkpoint "
+                                  f"{ckpt_dir / str(s)}; run the same command to resume")
             if s < total:
                 batch, data_state = nxt
             if cfg.debug.step_sleep_s:
                 time.sleep(cfg.debug.step_sleep_s)
     finally:
+        signals.phase = "finishing"
         log.close()
-        ckpts.wait()
-        ckpts.close()
+        try:
+            ckpts.wait()  # saves in flight finish, also after an error or a second Ctrl-C
+        finally:
+            ckpts.close()
     return {"start_step": start, "last_step": total, "first_loss": first_loss,
             "last_loss": last_loss}
 
@@ -341,7 +429,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="YAML file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override a config value, e.g. schedule.total_steps=100")
@@ -366,20 +455,25 @@ def join_processes(coordinator=None, num_processes=None, process_id=None) -> Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dsv2_jax.config import ConfigError as ModelConfigError
-    from dsv2_jax.hub_format import CheckpointError
-    from dsv2_jax.training.data import DataError
+    from dsv2_jax.errors import CheckpointError, CheckpointSaveError, DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
         join_processes(args.coordinator, args.num_processes, args.process_id)
         summary = train(cfg, resume=args.resume)
-    except (ConfigError, ModelConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+
     import jax
 
     if summary.get("first_loss") is not None and jax.process_index() == 0:

@@ -10,7 +10,8 @@ import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsv2_jax.quant", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dsv2_jax.quant", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="dense checkpoint folder or hub repo id")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--group-size", type=int, default=64)

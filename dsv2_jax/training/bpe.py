@@ -64,7 +64,8 @@ def train_bpe(texts: list[str], vocab_size: int, out: str | Path, *, model_max_l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsv2_jax.training.bpe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dsv2_jax.training.bpe", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, nargs="+", help="text files (.txt or .txt.gz)")
     p.add_argument("--vocab-size", type=int, default=6000)
     p.add_argument("--out", required=True)

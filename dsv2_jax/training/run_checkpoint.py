@@ -8,6 +8,8 @@ JSON: the step, the RNG key data and the data iterator's state.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsv2_jax.errors import CheckpointError, CheckpointSaveError
 from dsv2_jax.sharding import put
 from dsv2_jax.training.step import TrainState
 
@@ -26,9 +29,9 @@ def _abstract(tree):
 class RunCheckpoints:
     def __init__(self, directory: Path, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                    enable_async_checkpointing=async_save, create=True)
+        self._open()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -36,14 +39,33 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def _open(self) -> None:
+        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+
     def save(self, state: TrainState, data_state: dict[str, Any]) -> None:
+        """Start saving ``state`` (asynchronously); errors of this save, or of the one before
+        it still in flight, raise CheckpointSaveError."""
         step = int(state.step)
         meta = {"step": step, "rng": [int(x) for x in jax.device_get(state.rng).ravel()],
                 "data": data_state}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not saved"
+            raise self._save_error(step, e) from e
+
+    def _save_error(self, step: int, e: Exception) -> CheckpointSaveError:
+        kept = [s for s in self._committed_steps() if s != step]
+        return CheckpointSaveError(
+            f"{self.directory}: saving checkpoint {step} failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); "
+            + (f"checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"))
+
+    def _committed_steps(self) -> list[int]:
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
 
     def restore(self, step: int, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Restore ``step`` into arrays shaped and placed like ``like``; returns (state, data state)."""
@@ -57,8 +79,38 @@ class RunCheckpoints:
         step_arr = put(np.asarray(meta["step"], np.int32), like.step.sharding)
         return TrainState(got.params, got.opt_state, step_arr, rng), meta["data"]
 
+    def restore_latest(self, like: TrainState):
+        """The newest checkpoint that reads back whole: ``(step, state, data_state, skipped)``.
+
+        A checkpoint that fails to read (a truncated or deleted file, say) is moved aside to
+        ``<step>.unreadable`` (so that the run can save that step again) and the one before it
+        is tried; ``skipped`` lists ``(step, reason, moved_to)``. No readable checkpoint at all
+        is a CheckpointError."""
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(step, like)
+                return step, state, data_state, skipped
+            except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                moved = self.directory / f"{step}.unreadable"
+                if jax.process_index() == 0:
+                    if moved.exists():
+                        shutil.rmtree(moved)
+                    os.replace(self.directory / str(step), moved)
+                self.manager.close()
+                self._open()
+                skipped.append((step, why, moved))
+        raise CheckpointError(f"{self.directory}: no checkpoint could be read back "
+                              f"({'; '.join(f'{s}: {w}' for s, w, _ in skipped)})")
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the saves in flight; a failed one raises CheckpointSaveError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step = self.manager.latest_step()
+            raise self._save_error(step if step is not None else -1, e) from e
 
     def close(self) -> None:
         self.manager.close()
