@@ -34,8 +34,9 @@ def text_of(path: Path) -> str | None:
 
 
 def test_no_tracked_file_names_a_path_outside_the_repo():
+    # Our machines keep reference material beside the checkout; a user's clone has none of it.
     # Spelled in pieces so that this file does not match itself.
-    outside = [".." + "/shared", str(ROOT.parent) + os.sep]
+    outside = [".." + "/shared", "/work" + "/shared", "/work" + "/main", str(ROOT.parent / "shared")]
     hits = []
     files = tracked_files()
     assert len(files) > 50  # the listing worked
@@ -137,7 +138,7 @@ def test_quantize_is_the_function_after_importing_every_submodule():
 
 
 def test_docs_citations_resolve():
-    """Every ``docs/X.md#anchor`` named in the code or the README exists, with its heading."""
+    """Every docs page (and heading anchor) named in the code or the README exists."""
     def anchors(md: Path) -> set[str]:
         heads = re.findall(r"^#+ (.+)$", md.read_text(), flags=re.M)
         return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in heads}

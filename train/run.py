@@ -29,6 +29,7 @@ once: nothing has been trained yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -420,7 +421,8 @@ def _train(cfg: TrainConfig, resume: bool, signals: _Signals) -> dict[str, Any]:
         try:
             ckpts.wait()  # saves in flight finish, also after an error or a second Ctrl-C
         finally:
-            ckpts.close()
+            with contextlib.suppress(Exception):  # a failed save was raised above already
+                ckpts.close()
     return {"start_step": start, "last_step": total, "first_loss": first_loss,
             "last_loss": last_loss}
 
@@ -467,7 +469,7 @@ def main(argv=None) -> int:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except CheckpointSaveError as e:
+    except (CheckpointSaveError, OSError) as e:  # a file of the run could not be written
         print(f"error: {e}", file=sys.stderr)
         return 4
     except Interrupted as e:

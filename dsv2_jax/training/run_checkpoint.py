@@ -8,8 +8,11 @@ JSON: the step, the RNG key data and the data iterator's state.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,45 @@ from dsv2_jax.sharding import put
 from dsv2_jax.training.step import TrainState
 
 
+_save_failed = False  # a CheckpointSaveError was raised: its echoes in other logs are dropped
+
+
+def _quiet_orbax_save_failures(record: logging.LogRecord) -> bool:
+    """Drop Orbax's own tracebacks of a failed background save (and asyncio's "exception was
+    never retrieved" for its write tasks, logged at exit): RunCheckpoints raises the same
+    failure as one CheckpointSaveError naming the step, the cause and what is intact."""
+    if record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname:
+        return False
+    return not (_save_failed and "exception was never retrieved" in str(record.msg))
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """When a save fails, TensorStore's writer threads still complete their futures into
+    Orbax's event loop, already closed, and each ``RuntimeError: Event loop is closed`` would
+    print a traceback (through ``sys.unraisablehook``, from native threads, nothing can catch
+    it); the failure itself is raised as CheckpointSaveError."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_dsv2_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    hook._dsv2_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    if "No space left on device" in text or getattr(e, "errno", None) == errno.ENOSPC:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror and "space" not in e.strerror else ""
+        return "no space left on device" + (f": {detail}" if detail else "")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}" + ("..." if len(first) > 300 else "")
+
+
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -31,6 +73,10 @@ class RunCheckpoints:
         self.directory = Path(directory).absolute()
         self.options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                     enable_async_checkpointing=async_save, create=True)
+        self._in_flight: int | None = None  # the step of the last save started, until waited for
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_quiet_orbax_save_failures)
+        _silence_closed_loop_callbacks()
         self._open()
 
     def latest_step(self) -> int | None:
@@ -48,19 +94,29 @@ class RunCheckpoints:
         step = int(state.step)
         meta = {"step": step, "rng": [int(x) for x in jax.device_get(state.rng).ravel()],
                 "data": data_state}
+        # A save that cannot fit fails half-way inside Orbax's writers; refuse it up front.
+        need = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+        free = shutil.disk_usage(self.directory).free
+        if need > free:
+            self.wait()  # the save before this one, if any, completes or fails first
+            raise self._save_error(step, OSError(errno.ENOSPC, f"needs about {need / 2**20:.1f} "
+                                                              f"MiB, {free / 2**20:.1f} MiB free"))
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 meta=ocp.args.JsonSave(meta)), force=True)
         except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not saved"
-            raise self._save_error(step, e) from e
+            # Orbax first waits for the save before; its failure surfaces here.
+            raise self._save_error(self._in_flight if self._in_flight is not None else step, e) from e
+        self._in_flight = step
 
     def _save_error(self, step: int, e: Exception) -> CheckpointSaveError:
-        kept = [s for s in self._committed_steps() if s != step]
+        global _save_failed
+        _save_failed = True
+        kept = [s for s in self._committed_steps() if s < step]
         return CheckpointSaveError(
-            f"{self.directory}: saving checkpoint {step} failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); "
+            f"{self.directory}: saving checkpoint {step} failed ({_reason(e)}); "
             + (f"checkpoint {kept[-1]} is intact" if kept else "no earlier checkpoint exists"))
 
     def _committed_steps(self) -> list[int]:
@@ -109,8 +165,10 @@ class RunCheckpoints:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            step = self.manager.latest_step()
+            step = self._in_flight if self._in_flight is not None else self.manager.latest_step()
             raise self._save_error(step if step is not None else -1, e) from e
+        finally:
+            self._in_flight = None
 
     def close(self) -> None:
         self.manager.close()
