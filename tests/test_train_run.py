@@ -52,6 +52,17 @@ def test_tiny_model_learns_within_a_minute(tmp_path):
     pngs = plot_run(tmp_path / "tiny")
     assert {p.name for p in pngs} == {"loss.png", "lr.png", "grad_norm.png", "expert_load.png"}
     assert all(p.stat().st_size > 5000 for p in pngs)
+    # lr.png draws every step's LR (steps, not slopes between the logged points): by hand,
+    # warm-up 0 -> 0.005 -> 0.01 over 2 steps, then two drops of x0.316.
+    from train.plot import _schedule_of
+
+    steps, lrs = _schedule_of(tmp_path / "tiny", 60)
+    assert list(steps) == list(range(1, 61))
+    assert lrs[:3] == pytest.approx([0.0, 0.005, 0.01], rel=1e-6)
+    drops = [i for i in range(1, 60) if lrs[i] != lrs[i - 1] and i > 2]
+    assert len(drops) == 2 and all(lrs[i] == pytest.approx(0.316 * lrs[i - 1], rel=1e-6) for i in drops)
+    logged = {x["step"]: x["lr"] for x in train}
+    assert all(lrs[s - 1] == pytest.approx(v, rel=1e-6) for s, v in logged.items())
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

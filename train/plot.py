@@ -20,6 +20,25 @@ def _series(records, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _schedule_of(run_dir: Path, last_step: int):
+    """(steps 1..last_step, the LR each ran at) from the run's config.yaml, or None."""
+    path = run_dir / "config.yaml"
+    if not path.exists() or last_step < 1:
+        return None
+    import numpy as np
+    import yaml
+
+    from dsv2_jax.training import lr_schedule
+    from dsv2_jax.training.config import from_dict
+
+    cfg = from_dict(yaml.safe_load(path.read_text()))
+    s = cfg.schedule
+    lr = lr_schedule(s.peak_lr, s.warmup_steps, cfg.total_steps, decay_points=s.decay_points,
+                     decay_factor=s.decay_factor)
+    steps = np.arange(1, last_step + 1)
+    return steps, np.asarray(lr(steps - 1))  # step s runs at lr(s - 1)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib
 
@@ -41,26 +60,41 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         written.append(out / name)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "loss (CE + balance)"), ("ce", "cross-entropy"),
+    # CE first; the total (CE + a balance loss of ~1e-3) dashed on top, or it hides under CE.
+    styles = {"ce": dict(lw=2.2, zorder=2), "loss": dict(ls="--", lw=1.2, zorder=3),
+              "eval_loss": dict(marker="o", ms=3, zorder=4)}
+    for key, label in (("ce", "cross-entropy"), ("loss", "loss (CE + balance)"),
                        ("eval_loss", "held-out cross-entropy")):
         x, y = _series(records, key)
         if x:
-            ax.plot(x, y, label=label, marker="o" if key == "eval_loss" else None, ms=3)
+            ax.plot(x, y, label=label, **styles[key])
     ax.set_xlabel("step")
     ax.set_ylabel("nats / token")
     ax.legend()
     ax.grid(alpha=0.3)
     save(fig, "loss.png")
 
-    for key, name, ylabel in (("lr", "lr.png", "learning rate"),
-                              ("grad_norm", "grad_norm.png", "gradient global norm (before clipping)")):
-        x, y = _series(records, key)
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.plot(x, y)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        save(fig, name)
+    # The learning rate of every step from the run's own schedule (logged values are only every
+    # logging.every steps, and a line through them turns each step decay into a slope).
+    x, y = _series(records, "lr")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    every = _schedule_of(run_dir, max(x) if x else 0)
+    if every is not None:
+        ax.step(every[0], every[1], where="post", label="schedule (every step)")
+    ax.plot(x, y, "o", ms=3, label="logged")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "lr.png")
+
+    x, y = _series(records, "grad_norm")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(x, y)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient global norm (before clipping)")
+    ax.grid(alpha=0.3)
+    save(fig, "grad_norm.png")
 
     loads = [r for r in records if "expert_load_max" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
