@@ -18,6 +18,10 @@ from typing import Any
 from .errors import ConfigError
 
 
+# dtypes a hub config may give for its stored weights (AWQ checkpoints say float16).
+_STORED_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """YaRN rope scaling (the only kind DeepSeek-V2 uses)."""
@@ -138,6 +142,10 @@ class DeepseekV2Config:
         if theta is not None:
             kwargs["rope_theta"] = theta
         kwargs["quantization"] = _read_quant(d.get("quantization_config"), source)
+        for key in ("torch_dtype", "dtype"):  # the stored weights' dtype (transformers 5: "dtype")
+            if key in d and d[key] is not None and d[key] not in _STORED_DTYPES:
+                raise ConfigError(f"{source}: {key} = {d[key]!r}: expected one of "
+                                  f"{', '.join(_STORED_DTYPES)}")
         for key in ("n_group", "topk_group"):
             if kwargs.get(key) is None:
                 kwargs[key] = 1

@@ -158,6 +158,8 @@ def _prompt_ids(model, tokenizer, prompts, messages, prompt_ids, add_bos) -> lis
             convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
             rows = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
                     for c in convs]
+    if not rows:
+        raise ValueError("generate: no prompts given (an empty list); pass at least one")
     vocab = model.config.vocab_size
     for b, row in enumerate(rows):
         if not row:

@@ -35,6 +35,12 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, revision: str | None 
         offline = "offline" in str(e).lower() or "connect" in str(e).lower() or kind in (
             "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError")
         why = "the Hugging Face hub could not be reached" if offline else "the hub refused it"
-        raise HubError(
-            f"{s}: not a local folder, and {why} to download it ({kind}: {str(e).splitlines()[0][:200]})"
-        ) from None
+        raise HubError(f"{s}: not a local folder, and {why} to download it ({kind}: {_first_line(e)})") from None
+
+
+def _first_line(e: Exception, limit: int = 400) -> str:
+    """The first line of an error message, cut at a word boundary past ``limit`` characters."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0] + " ..."

@@ -21,7 +21,7 @@ from flax import nnx
 
 from .atomic import atomic_folder
 from .config import DeepseekV2Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .hub import resolve_model_path
 from .model import DeepseekV2
 from .sharding import sharding_for
@@ -131,8 +131,11 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
 
     folder = resolve_model_path(path_or_repo_id, revision)
     cfg = DeepseekV2Config.from_json(folder / "config.json")
-    abstract = nnx.eval_shape(
-        lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, mesh=mesh))
+    try:
+        abstract = nnx.eval_shape(
+            lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype, mesh=mesh))
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from None
     graphdef, state = nnx.split(abstract)
     table = _param_table(state)
     flat = dict(nnx.to_flat_state(state))
@@ -177,8 +180,8 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
         if e is None:
             hub_shape = _hub_shape(want.shape, transpose, False)
             if tuple(array.shape) != hub_shape:
-                raise CheckpointError(
-                    f"{file}: tensor {tensor!r} has shape {list(array.shape)}, expected {list(hub_shape)}")
+                raise CheckpointError(f"{file}: tensor {tensor!r} has shape {list(array.shape)}, expected "
+                                      f"{list(hub_shape)}{_group_hint(cfg, tensor, array.shape, hub_shape)}")
             arr = array.T if transpose else array
             values[path] = to_device(path, np.asarray(arr).astype(want.dtype))
             return
@@ -201,6 +204,13 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
         fpath = folder / fname
         with open_safetensors(fpath, safe_open) as f:
             present = set(f.keys())
+            for k in sorted(present - set(names)):
+                if k in weight_map:
+                    raise CheckpointError(
+                        f"{fpath}: tensor {k!r} is also in {weight_map[k]}, which the index names "
+                        f"for it: two shards hold the same tensor")
+                raise CheckpointError(f"{fpath}: tensor {k!r} is not listed in the index "
+                                      f"{folder / 'model.safetensors.index.json'}")
             for k in names:
                 if k not in present:
                     raise CheckpointError(f"{fpath}: tensor {k!r} is listed in the index but not in the file")
@@ -219,7 +229,8 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
                     want = _hub_shape(flat[path].get_value().shape, transpose, True)
                     if tuple(array.shape) != want:
                         raise CheckpointError(
-                            f"{fpath}: tensor {k!r} has shape {list(array.shape)}, expected {list(want)}")
+                            f"{fpath}: tensor {k!r} has shape {list(array.shape)}, expected "
+                            f"{list(want)}{_group_hint(cfg, k, array.shape, want)}")
                 put(path, array, e, fpath, k, transpose)
                 del array
     if buffers:  # a stack that never completed (should have been caught as missing)
@@ -232,6 +243,19 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     if load_tokenizer and (folder / "tokenizer.json").exists():
         model.tokenizer = _load_tok(folder)
     return model
+
+
+def _group_hint(cfg, tensor: str, got, want) -> str:
+    """For an AWQ qzeros/scales of the wrong length along the groups axis: what group size the
+    tensor was packed with, against the one config.json declares."""
+    if cfg.quantization is None or not tensor.endswith((".qzeros", ".scales")):
+        return ""
+    if len(got) != len(want) or tuple(got[1:]) != tuple(want[1:]) or not got[0]:
+        return ""
+    g = cfg.quantization.group_size
+    packed = want[0] * g // got[0]
+    return (f" (config.json's quantization_config.group_size = {g} gives {want[0]} groups; the "
+            f"tensor has {got[0]}, as group_size {packed} would)")
 
 
 def _shardings(state, mesh) -> dict[tuple, jax.sharding.Sharding]:

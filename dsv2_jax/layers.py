@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .errors import ConfigError
 from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
 from .quant.ops import awq_linear
 
@@ -44,6 +45,12 @@ def tie_to(x: jax.Array, a: jax.Array) -> jax.Array:
     """
     zero = jax.lax.stop_gradient(x.reshape(-1)[0]).astype(jnp.float32) * 0.0
     return a + zero.astype(a.dtype)
+
+
+def _check_group(group_size: int, in_features: int, name: str) -> None:
+    if in_features % group_size:
+        raise ConfigError(f"quantization_config.group_size = {group_size} does not divide the "
+                          f"input size {in_features} of {name or 'a linear layer'}")
 
 
 class QuantizedWeight(nnx.Variable):
@@ -101,6 +108,7 @@ class Linear(nnx.Module):
         if quant is None:
             self.weight = nnx.Param(normal_init(rngs, (in_features, out_features), init_std, param_dtype))
         else:
+            _check_group(quant.group_size, in_features, name)
             q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size)
             self.group_size = quant.group_size
             self.qweight, self.qzeros, self.scales = (

@@ -125,5 +125,8 @@ class MLA(nnx.Module):
         scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv, preferred_element_type=f32)
         scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
         p = self._softmax(scores, mask)
-        o_lat = jnp.einsum("bnts,bsr->btnr", p, c_kv, preferred_element_type=f32).astype(self.dtype)
+        # Spelled [B, nh, T, r] then transposed: XLA's CPU backend rejects the bf16 x bf16 -> f32
+        # dot of "bnts,bsr->btnr" for batch > 1 ("Unsupported element type for DotThunk").
+        o_lat = jnp.einsum("bnts,bsr->bntr", p, c_kv, preferred_element_type=f32)
+        o_lat = jnp.swapaxes(o_lat, 1, 2).astype(self.dtype)
         return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]

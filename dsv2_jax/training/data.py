@@ -112,6 +112,9 @@ def read_records(path: Path, fmt: str = "auto", text_key: str = "text",
             raise DataError(f"{path}: not UTF-8 text ({e})") from None
         except (gzip.BadGzipFile, EOFError) as e:
             raise DataError(f"{path}: not a complete gzip file ({e})") from None
+        if not text.strip():
+            what = "empty" if not text else "only whitespace"
+            raise DataError(f"{path}: {what}: no text to train on")
         yield str(path), ("text", text)
         return
     with open_text(path) as f:
