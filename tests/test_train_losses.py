@@ -69,6 +69,24 @@ def test_balance_loss_mask_by_hand():
     assert float(got) == pytest.approx(0.135, rel=1e-6)
 
 
+def test_balance_loss_per_packed_document_by_hand():
+    # One packed row of 4 tokens holding two documents: tokens 0-1 are document 0, 2-3 document 1
+    # (the HAND rows, now in one row). Each document is a sequence with its own f, P and T = 2:
+    # the two hand values above, 1.35 and 1.3; mean 1.325 -> 0.1325. As one row of T = 4 it
+    # would be counts [2,2,2,2] -> f = 1, P sums to 1 -> alpha = 0.1: a different loss.
+    one_row = dict(batch=1, seq_len=4, alpha=ALPHA, n_experts=4, k=2)
+    got = balance_loss(HAND, **one_row, segments=jnp.array([[0, 0, 1, 1]]))
+    assert float(got) == pytest.approx(0.1325, rel=1e-6)
+    assert float(balance_loss(HAND, **one_row)) == pytest.approx(0.1, rel=1e-6)
+    # Documents of unequal length, with padding: doc 0 = token 0 alone, doc 1 = tokens 1-2,
+    # token 3 padding. doc 0: counts [1,1,0,0], T = 1 -> f = [2,2,0,0], P = [0.4,0.3,0.2,0.1],
+    #   sum f P = 1.4. doc 1: tokens 1, 2 -> counts [1,0,2,1], f = [1,0,2,1],
+    #   P = [0.3, 0.15, 0.3, 0.25], sum f P = 0.3 + 0.6 + 0.25 = 1.15. Mean 1.275.
+    got = balance_loss(HAND, **one_row, segments=jnp.array([[0, 1, 1, 2]]),
+                       mask=jnp.array([[1, 1, 1, 0]]))
+    assert float(got) == pytest.approx(0.1275, rel=1e-6)
+
+
 def test_batch_level_variant_by_hand():
     # seq_aux=False: one "sequence" of 4 tokens. Counts [2,2,2,2] -> f = 4/(2*4) * 2 = 1 each;
     # P = [0.275, 0.25, 0.225, 0.25] sums to 1, so the loss is alpha.

@@ -229,6 +229,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _balance_unit(cfg: TrainConfig, model_cfg) -> str:
+    """Over what the expert-balance loss averages, as this run computes it."""
+    if not model_cfg.aux_loss_alpha:
+        return "off (aux_loss_alpha = 0)"
+    if not model_cfg.seq_aux:
+        return "per batch (seq_aux false)"
+    return "per document" if cfg.data.document_mask else "per packed row"
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
@@ -340,7 +349,8 @@ def _train(cfg: TrainConfig, resume: bool, signals: _Signals) -> dict[str, Any]:
     say(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active "
         f"per token; {_plural(corpus.n_documents, 'document')}, {len(corpus.train)} training tokens; "
         f"{tokens_per_step} tokens/step = {t.accum} x {cfg.batch.micro_batch} x {mesh.size} "
-        f"device(s) x {d.seq_len}; mesh: {layout}{procs}; {total} steps")
+        f"device(s) x {d.seq_len}; mesh: {layout}{procs}; {total} steps; balance loss "
+        f"{_balance_unit(cfg, model_cfg)}")
 
     if start >= total:
         say(f"{run_dir}: already trained to step {start}; nothing to do")

@@ -51,14 +51,19 @@ def _check_routing(routing: Routing, batch: int, seq_len: int, n_experts: int, k
 
 
 def balance_loss(routing: Routing, batch: int, seq_len: int, alpha: float, n_experts: int,
-                 k: int, mask: jax.Array | None = None, seq_aux: bool = True) -> jax.Array:
+                 k: int, mask: jax.Array | None = None, seq_aux: bool = True,
+                 segments: jax.Array | None = None) -> jax.Array:
     """The expert-balance loss of one MoE layer (float32 scalar).
 
     Per sequence of T real tokens: ``f_i = E / (K T) * #{t : i in topk(t)}``,
     ``P_i = mean_t s_{i,t}``, loss ``= alpha * sum_i f_i P_i``; the mean over sequences that
-    have at least one real token. ``mask`` [B, T] marks real tokens (padding counts in
-    neither f nor P nor T). ``seq_aux=False`` treats the whole batch as one sequence (the
-    reference's batch-level variant). A perfectly balanced router gives ``alpha``.
+    have at least one real token. A perfectly balanced router gives ``alpha``.
+
+    What a "sequence" is: each row of the batch; with ``segments`` [B, T] (the document number
+    of each token within its packed row, as the data pipeline gives it) each document, with its
+    own f, P and T, as DeepSeek's per-sequence loss (seq_aux) means it for packed documents;
+    with ``seq_aux=False`` the whole batch (the reference's batch-level variant). ``mask``
+    [B, T] marks real tokens: padding counts in neither f nor P nor T.
 
     ``f`` comes from the top-k indices and carries no gradient; the gradient reaches the
     router only through ``P``, i.e. through the softmax scores.
@@ -70,26 +75,36 @@ def balance_loss(routing: Routing, batch: int, seq_len: int, alpha: float, n_exp
         if mask.shape != (batch, seq_len):
             raise ValueError(f"mask: expected shape {(batch, seq_len)}, got {mask.shape}")
         m = mask.astype(jnp.float32)
+    if segments is not None and segments.shape != (batch, seq_len):
+        raise ValueError(f"segments: expected shape {(batch, seq_len)}, got {segments.shape}")
     if not seq_aux:
-        batch, seq_len, m = 1, batch * seq_len, m.reshape(1, batch * seq_len)
-    scores = routing.scores.astype(jnp.float32).reshape(batch, seq_len, n_experts)
-    chosen = jax.nn.one_hot(routing.topk_idx, n_experts, dtype=jnp.float32).sum(axis=1)  # [N, E]
-    chosen = jax.lax.stop_gradient(chosen.reshape(batch, seq_len, n_experts))
-    n_real = jnp.sum(m, axis=1)  # [B]
+        seq_of = jnp.zeros((batch * seq_len,), jnp.int32)
+    elif segments is None:
+        seq_of = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), seq_len)
+    else:  # a document number < T within its row: row * T + document is unique
+        seq_of = (jnp.arange(batch, dtype=jnp.int32)[:, None] * seq_len
+                  + jnp.clip(segments.astype(jnp.int32), 0, seq_len - 1)).reshape(-1)
+    n_seq = batch * seq_len  # a static bound on the number of sequences
+    m = m.reshape(-1, 1)  # [N, 1]
+    scores = routing.scores.astype(jnp.float32)  # [N, E]
+    chosen = jax.lax.stop_gradient(
+        jax.nn.one_hot(routing.topk_idx, n_experts, dtype=jnp.float32).sum(axis=1))  # [N, E]
+    n_real = jax.ops.segment_sum(m[:, 0], seq_of, num_segments=n_seq)  # [S]
     denom = jnp.maximum(n_real, 1.0)[:, None]
-    f = n_experts / k * jnp.sum(chosen * m[..., None], axis=1) / denom  # [B, E]
-    p = jnp.sum(scores * m[..., None], axis=1) / denom  # [B, E]
-    per_seq = alpha * jnp.sum(f * p, axis=-1)  # [B]
+    f = n_experts / k * jax.ops.segment_sum(chosen * m, seq_of, num_segments=n_seq) / denom
+    p = jax.ops.segment_sum(scores * m, seq_of, num_segments=n_seq) / denom  # [S, E]
+    per_seq = alpha * jnp.sum(f * p, axis=-1)  # [S]
     has_tokens = (n_real > 0).astype(jnp.float32)
     return jnp.sum(per_seq * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
 
 
 def total_balance_loss(model_output, cfg, batch: int, seq_len: int,
-                       mask: jax.Array | None = None) -> jax.Array:
+                       mask: jax.Array | None = None, segments: jax.Array | None = None) -> jax.Array:
     """Sum of :func:`balance_loss` over the MoE layers of a ``ModelOutput``.
 
     Uses ``cfg.aux_loss_alpha``, ``cfg.n_routed_experts``, ``cfg.num_experts_per_tok`` and
-    ``cfg.seq_aux``. 0 for a model without MoE layers or with ``aux_loss_alpha == 0``.
+    ``cfg.seq_aux``; ``segments`` makes each packed document a sequence. 0 for a model without
+    MoE layers or with ``aux_loss_alpha == 0``.
     """
     total = jnp.zeros((), jnp.float32)
     if not cfg.aux_loss_alpha:
@@ -97,7 +112,7 @@ def total_balance_loss(model_output, cfg, batch: int, seq_len: int,
     for routing in model_output.routings:
         total = total + balance_loss(routing, batch, seq_len, cfg.aux_loss_alpha,
                                      cfg.n_routed_experts, cfg.num_experts_per_tok,
-                                     mask=mask, seq_aux=cfg.seq_aux)
+                                     mask=mask, seq_aux=cfg.seq_aux, segments=segments)
     return total
 
 

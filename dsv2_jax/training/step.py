@@ -89,7 +89,8 @@ def _micro_loss(model, cfg, mb, n_total, accum, remat, document_mask):
     out = train_forward(model, mb["inputs"], mb["positions"], mask, remat)
     ce, n = cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
     ce_sum = ce * n
-    bal = total_balance_loss(out, cfg, b, t)
+    # With document masks each packed document is a sequence of the balance loss too.
+    bal = total_balance_loss(out, cfg, b, t, segments=mb["segments"] if document_mask else None)
     loads = [expert_load(r, cfg.n_routed_experts) for r in out.routings]
     loads = jnp.stack(loads) if loads else jnp.zeros((0, max(cfg.n_routed_experts, 1)))
     # Summed over the A micro-batches this is mean-CE over all target tokens + mean balance.
@@ -111,8 +112,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
     and gradients NaN, to test the NaN guard.
 
     The batch is a dict of [A, B, T] arrays (``dsv2_jax.training.data.pack_rows`` gives [B, T]):
-    inputs, targets, loss_mask, segments (document number within the row), positions. The
-    balance loss treats each packed row as one sequence (the T of docs/training.md#expert-balance-loss is the row length).
+    inputs, targets, loss_mask, segments (document number within the row), positions. With
+    ``document_mask`` the balance loss takes each packed document as one sequence (its own f, P
+    and T, docs/training.md#expert-balance-loss); without it, each packed row.
 
     ``param_shardings`` (a NamedSharding per parameter, ``dsv2_jax.sharding.tree_shardings``)
     pins the float32 gradient accumulator to the parameters' layout, so FSDP / expert-sharded

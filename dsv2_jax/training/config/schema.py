@@ -50,7 +50,9 @@ class DataSection:
     format: str = "auto"  # auto (by extension) | text | jsonl
     tokenizer: str | None = None  # folder | "deepseek-v2" | "bytes" | null (the model's own)
     seq_len: int = 4096
-    document_mask: bool = True  # attention stays inside each packed document
+    # Attention stays inside each packed document, and the expert-balance loss (seq_aux) takes
+    # each document as one sequence; false: one sequence per packed row.
+    document_mask: bool = True
     heldout_fraction: float = 0.0  # the last fraction of the token stream, for eval
     shuffle: bool = True  # shuffle packed sequences each epoch (order from the seed)
     text_key: str = "text"
