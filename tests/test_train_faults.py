@@ -170,3 +170,37 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     params, step = restore_params(keep / "checkpoints", abstract, step=4)
     assert step == 4 and all(bool((abs(x) < 1e6).all()) for x in __import__("jax").tree.leaves(params))
     shutil.rmtree(keep)
+
+
+def test_sigkill_during_an_async_save_keeps_the_committed_checkpoints(tmp_path):
+    """Killed while Orbax writes a checkpoint in the background: the half-written one is
+    ignored, the run resumes from the last committed one and finishes."""
+    env = env_for(tmp_path)
+    cfg = write_tiny_run(tmp_path, name="killed", **SECTIONS)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    p = subprocess.Popen(train_cmd(cfg, "checkpoint.every=1", "checkpoint.keep=20",
+                                   "debug.step_sleep_s=0.2"),
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    caught = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            if ckpt.is_dir():
+                tmp = [q.name for q in ckpt.iterdir() if "tmp" in q.name]
+                if tmp and committed(ckpt):  # a save in flight, after at least one complete
+                    caught = tmp[0]
+                    os.kill(p.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.002)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert caught is not None, "never saw a save in flight"
+    assert p.returncode == -signal.SIGKILL
+    good = committed(ckpt)
+    r = run(train_cmd(cfg, "checkpoint.every=1", "checkpoint.keep=20"), env)
+    assert r.returncode == 0, r.stderr
+    assert f"(step {good[-1]} of 12)" in r.stderr
+    assert committed(ckpt)[-1] == 12
+    print(f"\nkilled while writing {caught}; resumed from step {good[-1]}")
