@@ -61,6 +61,7 @@ def test_streaming_and_chat(model_dir):
     (["--model", "/no/such/folder"], "no such model folder"),
     (["--top-p", "1.5"], "top_p"),
     (["--temperature", "-1"], "temperature"),
+    (["--chat", "--json"], "--json prints one prompt's result as one JSON object; it does not apply to --chat"),
 ])
 def test_bad_input_is_one_clear_line(model_dir, args, pattern):
     args = args if "--model" in args else ["--model", str(model_dir), *args]
@@ -78,3 +79,4 @@ def test_prompt_longer_than_context(model_dir, tmp_path):
     (short / "config.json").write_text(json.dumps(cfg))
     r = _run("--model", str(short), "--prompt", "word " * 40)
     assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""  # refused before the prompt is echoed
