@@ -29,12 +29,20 @@ from flax import nnx
 
 from .cache import KVCache, init_cache
 from .mla import AttentionMode
-from .sampling import SamplingParams, mark_seen, sample, seen_mask_from_tokens
+from .sampling import (
+    SamplerVariant,
+    SamplingParams,
+    SamplingValues,
+    mark_seen,
+    sample_traced,
+    seen_mask_from_tokens,
+)
 from .tokenizer import StreamDecoder
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill call; bounds attention memory to chunk × cache
 MIN_BUCKET = 16  # prompts are padded to a power of two >= this (then to multiples of the chunk)
 CACHE_BUCKET = 128  # cache lengths are rounded up to a multiple of this
+MIN_NEW_BUCKET = 16  # max_new_tokens is rounded up to a power of two >= this
 
 
 @dataclasses.dataclass
@@ -48,6 +56,12 @@ class GenerationResult:
     compiled: bool  # this call compiled prefill or decode: its timings include compilation
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+
+
+def new_tokens_bucket(n: int) -> int:
+    """The token buffer and cache room for ``max_new_tokens`` = n: a power of two >= 16, so
+    that another ``max_new_tokens`` rarely compiles again (the loop stops at n itself)."""
+    return max(MIN_NEW_BUCKET, 1 << (n - 1).bit_length())
 
 
 def bucket_length(n: int) -> int:
@@ -64,11 +78,12 @@ class DecodeState:
     cache: KVCache
     logits: jax.Array  # [B, V] float32: the next token's logits
     key: jax.Array  # PRNG key
-    tokens: jax.Array  # [B, max_new] int32: the tokens sampled so far
+    tokens: jax.Array  # [B, new_tokens_bucket(max_new)] int32: the tokens sampled so far
     done: jax.Array  # [B] bool: the row has finished (EOS)
     step: jax.Array  # int32: tokens sampled so far (per row)
     slot: jax.Array  # int32: the cache slot the next token is written to
     pad: jax.Array  # [B] int32: left padding of each row
+    max_new: jax.Array  # int32: tokens to sample per row (the loop stops there)
     seen: jax.Array | None = None  # [B, V] bool: tokens seen (for the repetition penalty)
 
     def replace(self, **changes) -> DecodeState:
@@ -100,39 +115,45 @@ def _decode_logits(model, cache: KVCache, token, slot, pad):
     return out.logits[:, 0], out.cache
 
 
-def _loop_body(graphdef, params: SamplingParams, vocab_limit: int, eos_id: int, ignore_eos: bool,
-               state, carry: DecodeState) -> DecodeState:
-    """Sample one token per row from the carried logits, record it, compute the next logits."""
+def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int, ignore_eos: bool,
+               state, values: SamplingValues, carry: DecodeState) -> DecodeState:
+    """Sample one token per row from the carried logits, record it, and compute the next
+    logits, unless this was the last token (``max_new`` reached or every row done)."""
     model = nnx.merge(graphdef, state)
     logits = carry.logits
     if vocab_limit < logits.shape[-1]:  # ids the tokenizer cannot decode are never sampled
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     key, sub = jax.random.split(carry.key)
-    token = sample(logits, sub, params, carry.seen)
+    token = sample_traced(logits, sub, variant, values, carry.seen)
     done = carry.done
     token = jnp.where(done, eos_id, token).astype(jnp.int32)
     tokens = jax.lax.dynamic_update_slice_in_dim(carry.tokens, token[:, None], carry.step, axis=1)
     if not ignore_eos:
         done = done | (token == eos_id)
     seen = mark_seen(carry.seen, token) if carry.seen is not None else None
-    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad)
+    step = carry.step + 1
+    logits, cache = jax.lax.cond(
+        (step < carry.max_new) & ~jnp.all(done),
+        lambda: _decode_logits(model, carry.cache, token, carry.slot, carry.pad),
+        lambda: (carry.logits, carry.cache))  # the last token: no forward whose logits are unused
     return carry.replace(cache=cache, logits=logits, key=key, tokens=tokens, done=done,
-                         step=carry.step + 1, slot=carry.slot + 1, seen=seen)
+                         step=step, slot=carry.slot + 1, seen=seen)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "vocab_limit", "eos_id",
-                                             "ignore_eos", "max_new"), donate_argnames=("carry",))
-def _decode_loop(graphdef, state, carry, *, params, vocab_limit, eos_id, ignore_eos, max_new):
-    body = functools.partial(_loop_body, graphdef, params, vocab_limit, eos_id, ignore_eos, state)
-    cond = lambda c: (c.step < max_new) & ~jnp.all(c.done)  # noqa: E731
+_STATIC = ("graphdef", "variant", "vocab_limit", "eos_id", "ignore_eos")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
+def _decode_loop(graphdef, state, values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
+    body = functools.partial(_loop_body, graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values)
+    cond = lambda c: (c.step < c.max_new) & ~jnp.all(c.done)  # noqa: E731
     return jax.lax.while_loop(cond, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "vocab_limit", "eos_id",
-                                             "ignore_eos"), donate_argnames=("carry",))
-def decode_step(graphdef, state, carry, *, params, vocab_limit, eos_id, ignore_eos):
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
+def decode_step(graphdef, state, values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
     """One decode step (the streaming path); compiled once per shape, whatever the step."""
-    return _loop_body(graphdef, params, vocab_limit, eos_id, ignore_eos, state, carry)
+    return _loop_body(graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, carry)
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +208,8 @@ class _Session:
                 f"{limit} tokens (max_position_embeddings)")
         b = len(rows)
         p = bucket_length(longest)
-        s = -(-(p + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        room = new_tokens_bucket(max_new_tokens)
+        s = -(-(p + room) // CACHE_BUCKET) * CACHE_BUCKET
         pad = np.array([p - len(r) for r in rows], np.int32)
         ids = np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):
@@ -196,7 +218,8 @@ class _Session:
         self.graphdef, self.state = nnx.split(model)
         cache = init_cache(cfg, b, s, model.dtype)
         eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
-        self.static = dict(params=params, eos_id=int(eos if eos is not None else -1),
+        self.values = SamplingValues.of(params)
+        self.static = dict(variant=SamplerVariant.of(params), eos_id=int(eos if eos is not None else -1),
                            ignore_eos=bool(ignore_eos or eos is None),
                            vocab_limit=int(min(cfg.vocab_size, tokenizer.vocab_size)
                                            if tokenizer is not None else cfg.vocab_size))
@@ -224,23 +247,34 @@ class _Session:
             seen = seen_mask_from_tokens(jnp.asarray(ids), cfg.vocab_size, valid)
         self.carry = DecodeState(
             cache=cache, logits=logits, key=jax.random.key(params.seed),
-            tokens=jnp.zeros((b, max_new_tokens), jnp.int32), done=jnp.zeros((b,), bool),
-            step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad), seen=seen)
+            tokens=jnp.zeros((b, room), jnp.int32), done=jnp.zeros((b,), bool),
+            step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad),
+            max_new=jnp.int32(max_new_tokens), seen=seen)
         self.steps_done = 0
 
     def run_loop(self):
         t0 = time.perf_counter()
         compiled_before = _decode_loop._cache_size()
-        self.carry = _decode_loop(self.graphdef, self.state, self.carry, max_new=self.max_new, **self.static)
+        self.carry = _decode_loop(self.graphdef, self.state, self.values, self.carry, **self.static)
         self.carry.tokens.block_until_ready()
         self.decode_s = time.perf_counter() - t0
         self.compiled |= _decode_loop._cache_size() > compiled_before
 
     def step(self) -> np.ndarray:
         """One decode step; returns its tokens [B] (one host sync per step)."""
-        self.carry = decode_step(self.graphdef, self.state, self.carry, **self.static)
+        self.carry = decode_step(self.graphdef, self.state, self.values, self.carry, **self.static)
         self.steps_done += 1  # counted on the host: reading carry.step would sync again
         return np.asarray(self.carry.tokens[:, self.steps_done - 1])
+
+
+def _real_tokens(tokens: np.ndarray, eos_id: int, ignore_eos: bool) -> int:
+    """Tokens the rows really produced, each up to and including its EOS: a finished row's
+    EOS filler, sampled while other rows went on, does not count as decoded."""
+    if ignore_eos:
+        return int(tokens.size)
+    hit = tokens == eos_id
+    first = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, tokens.shape[1])
+    return int(first.sum())
 
 
 def _finish(rows, tokens, steps, eos_id, ignore_eos, tokenizer, stop) -> tuple[list, list, list]:
@@ -289,7 +323,7 @@ def generate(model, tokenizer=None, *, prompts: str | Sequence[str] | None = Non
     ids, texts, reasons = _finish(rows, tokens, steps, sess.static["eos_id"],
                                   sess.static["ignore_eos"], tokenizer, stop)
     n_prompt = sum(len(r) for r in rows)
-    n_new = len(rows) * steps
+    n_new = _real_tokens(tokens[:, :steps], sess.static["eos_id"], sess.static["ignore_eos"])
     return GenerationResult(
         texts=texts, token_ids=ids, prompt_ids=rows, finish_reasons=reasons,
         prefill_s=sess.prefill_s, decode_s=sess.decode_s, compiled=sess.compiled,

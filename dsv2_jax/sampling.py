@@ -1,18 +1,19 @@
 """Next-token sampling: repetition penalty, temperature, top-k, top-p, min-p.
 
-Pure jnp functions over a batch of logits [B, V]. `SamplingParams` is a frozen (hashable)
-dataclass of plain Python values, so it is a static argument to `jax.jit` and a closed-over
-constant inside `lax.while_loop`; disabled filters cost nothing because they are skipped in Python.
-The order of operations is Hugging Face's: repetition penalty, then temperature, top-k, top-p,
-min-p, then a categorical draw.
+Pure jnp functions over a batch of logits [B, V]. `SamplingParams` is a frozen dataclass of
+plain Python values that a user passes. Inside the generation loop it splits in two: a small
+static `SamplerVariant` (greedy or not; whether top-k / top-p need a sort; whether a repetition
+penalty needs the seen-token mask) that picks the compiled code, and `SamplingValues`, the
+numbers themselves as traced arrays, so a new temperature, top-p, top-k, min-p, penalty or seed
+runs the same compiled loop. The order of operations is Hugging Face's: repetition penalty,
+then temperature, top-k, top-p, min-p, then a categorical draw.
 
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from dsv2_jax.sampling import SamplingParams, sample
     >>> params = SamplingParams(temperature=0.7, top_p=0.9, seed=0)
     >>> logits = jnp.array([[2.0, 1.0, 0.5, -1.0]])
-    >>> sample_jit = jax.jit(sample, static_argnames="params")
-    >>> sample_jit(logits, params.key(), params=params).shape
+    >>> sample(logits, params.key(), params).shape
     (1,)
 """
 
@@ -156,19 +157,65 @@ def min_p_mask(logits: jax.Array, min_p: float) -> jax.Array:
     return jnp.where(logits - max_logit < math.log(min_p), NEG_INF, logits)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerVariant:
+    """The static part of a sampler: which code the compiled loop contains."""
+
+    greedy: bool  # argmax: no temperature, filters or draw
+    sort: bool  # top-k or top-p is on: the logits are sorted each step
+    penalty: bool  # a repetition penalty: the loop carries the seen-token mask
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "SamplerVariant":
+        return cls(greedy=params.greedy, sort=not params.greedy and (params.top_k > 0 or params.top_p < 1),
+                   penalty=params.repetition_penalty != 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingValues:
+    """The traced part of a sampler: scalars (float32 / int32 arrays), a pytree."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
+    @classmethod
+    def of(cls, params: SamplingParams) -> "SamplingValues":
+        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        return cls(f32(params.temperature), jnp.asarray(params.top_k, jnp.int32), f32(params.top_p),
+                   f32(params.min_p), f32(params.repetition_penalty))
+
+
+jax.tree_util.register_dataclass(
+    SamplingValues, data_fields=["temperature", "top_k", "top_p", "min_p", "repetition_penalty"],
+    meta_fields=[])
+
+
 def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """Apply top-k, then top-p, then min-p (HF's order) to already temperature-scaled logits."""
-    k = params.top_k if 0 < params.top_k < logits.shape[-1] else 0
-    if k and params.top_p < 1:
-        # The nucleus lies inside the top-k set, so sort only those k candidates, not all V.
-        top_vals = jax.lax.top_k(logits, k)[0]  # [B, k], descending
-        threshold = _top_p_threshold(top_vals, params.top_p)  # >= the k-th value
+    return _filter(logits, SamplerVariant.of(params), SamplingValues.of(params))
+
+
+def _filter(logits: jax.Array, variant: SamplerVariant, v: SamplingValues) -> jax.Array:
+    """:func:`filter_logits` with traced values: top-k's k and top-p's p need no recompile."""
+    if variant.sort:
+        vocab = logits.shape[-1]
+        sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
+        k = jnp.where((v.top_k <= 0) | (v.top_k >= vocab), vocab, v.top_k)
+        in_top_k = jnp.arange(vocab) < k
+        # Ties with the k-th value are all kept (HF's TopKLogitsWarper); the nucleus is taken
+        # within the top-k set, over the probabilities of those k alone.
+        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+        nucleus = _top_p_threshold(jnp.where(in_top_k, sorted_desc, NEG_INF), v.top_p)
+        threshold = jnp.where(v.top_p >= 1, kth, jnp.maximum(kth, nucleus))
         logits = jnp.where(logits < threshold, NEG_INF, logits)
-    else:
-        logits = top_p_mask(top_k_mask(logits, k), params.top_p)
     # min-p compares with the top token, which every filter keeps, so its place in the order
-    # only matters through what top-k/top-p already removed.
-    return min_p_mask(logits, params.min_p)
+    # only matters through what top-k/top-p already removed. min_p = 0: log 0 = -inf, no-op.
+    max_logit = jnp.max(logits, axis=-1, keepdims=True)
+    cut = jnp.where(v.min_p > 0, jnp.log(jnp.maximum(v.min_p, 1e-30)), NEG_INF)
+    return jnp.where(logits - max_logit < cut, NEG_INF, logits)
 
 
 def sample(
@@ -181,20 +228,25 @@ def sample(
 
     Greedy (argmax) when `params.temperature == 0`, else temperature, filters and a categorical
     draw with `key`. The repetition penalty applies in both modes and needs `seen_mask` [B, V].
-    `params` must be static under jit: `jax.jit(sample, static_argnames="params")`.
 
     Example:
         >>> sample(jnp.array([[0.1, 3.0, 0.2]]), jax.random.key(0), SamplingParams())
         Array([1], dtype=int32)
     """
+    return sample_traced(logits, key, SamplerVariant.of(params), SamplingValues.of(params), seen_mask)
+
+
+def sample_traced(logits: jax.Array, key: jax.Array, variant: SamplerVariant,
+                  values: SamplingValues, seen_mask: jax.Array | None = None) -> jax.Array:
+    """:func:`sample` with ``variant`` static and ``values`` traced (inside jit)."""
     logits = logits.astype(jnp.float32)
-    if params.repetition_penalty != 1.0:
+    if variant.penalty:
         if seen_mask is None:
             raise ValueError("repetition_penalty != 1 needs seen_mask [B, V] (tokens in prompt and output)")
-        logits = apply_repetition_penalty(logits, seen_mask, params.repetition_penalty)
-    if params.greedy:
+        logits = apply_repetition_penalty(logits, seen_mask, values.repetition_penalty)
+    if variant.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / params.temperature, params)
+    logits = _filter(logits / values.temperature, variant, values)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -94,6 +94,10 @@ def run(args, out) -> int:
     if args.chat and args.json:
         raise ValueError("--json prints one prompt's result as one JSON object; it does not apply "
                          "to --chat (use --prompt with --json)")
+    if args.dtype == "float16":
+        print("warning: --dtype float16: DeepSeek-V2's activations exceed float16's range (the "
+              "reference runs in bfloat16); expect inf/NaN logits. Use bfloat16 or float32.",
+              file=sys.stderr)
     mesh = _mesh(args)
     import jax
 
@@ -150,28 +154,62 @@ def _with_system(args, messages):
     return ([{"role": "system", "content": args.system}] if args.system else []) + messages
 
 
+def _fit_context(tok, args, history: list[dict], context: int) -> bool:
+    """Drop the oldest turns until the conversation plus ``--max-new-tokens`` fits the model's
+    context (saying so on stderr); False when the newest message alone does not fit."""
+    def length():
+        return len(tok.apply_chat_template(_with_system(args, history), add_generation_prompt=True,
+                                           tokenize=True))
+
+    dropped = 0
+    while length() + args.max_new_tokens > context and len(history) > 1:
+        del history[:2 if len(history) > 2 else 1]  # a user turn and its reply
+        dropped += 1
+    if length() + args.max_new_tokens > context:
+        print(f"[this message and --max-new-tokens {args.max_new_tokens} do not fit the context of "
+              f"{context} tokens: not sent]", file=sys.stderr)
+        history.pop()
+        return False
+    if dropped:
+        print(f"[dropped the {dropped} oldest turn(s) to fit the context of {context} tokens]",
+              file=sys.stderr)
+    return True
+
+
 def _chat(model, tok, args, kw, out) -> int:
+    """A multi-turn chat on stdin. A turn that would overflow the context drops the oldest
+    turns (or, alone too long, is not sent); Ctrl-C during a reply stops that reply, and
+    the chat goes on; Ctrl-C at the prompt, an empty line or Ctrl-D ends it."""
     import dsv2_jax
 
     history: list[dict] = []
-    print("chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    context = model.config.max_position_embeddings
+    print("chat: empty line or Ctrl-D to quit; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
             user = input("User: ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             break
         if not user.strip():
             break
         history.append({"role": "user", "content": user})
+        if not _fit_context(tok, args, history, context):
+            continue
         stats: dict = {}
         reply = ""
         out.write("Assistant: ")
-        for piece in dsv2_jax.stream(model, tok, messages=_with_system(args, history), **kw, stats=stats):
-            reply += piece
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        _report(stats)
+        try:
+            for piece in dsv2_jax.stream(model, tok, messages=_with_system(args, history), **kw,
+                                         stats=stats):
+                reply += piece
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n")
+            print("[reply stopped]", file=sys.stderr)
+        else:
+            out.write("\n")
+            _report(stats)
         history.append({"role": "assistant", "content": reply})
     return 0
 

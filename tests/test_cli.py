@@ -80,3 +80,39 @@ def test_prompt_longer_than_context(model_dir, tmp_path):
     r = _run("--model", str(short), "--prompt", "word " * 40)
     assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""  # refused before the prompt is echoed
+
+
+def test_chat_drops_old_turns_to_fit_the_context(model_dir, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(model_dir, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["max_position_embeddings"] = 40
+    (short / "config.json").write_text(json.dumps(cfg))
+    turns = "tell me a story about a cat\nand another one about a dog\nand a third about a bird\n"
+    r = _run("--model", str(short), "--chat", "--max-new-tokens", "4", stdin=turns + "x " * 60 + "\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Assistant:") == 3  # three turns answered; the over-long one not sent
+    assert "[dropped the 1 oldest turn(s) to fit the context of 40 tokens]" in r.stderr
+    assert "do not fit the context of 40 tokens: not sent]" in r.stderr
+
+
+def test_ctrl_c_stops_a_reply_not_the_chat():
+    import os
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "infer.generate", "--chat", "--max-new-tokens", "300",
+                          "--ignore-eos"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdin.write("ROMEO:\n")
+    p.stdin.flush()
+    seen = ""
+    deadline = time.time() + 120
+    while time.time() < deadline and len(seen) < 40:  # the reply is streaming
+        seen += p.stdout.read(1)
+    os.kill(p.pid, signal.SIGINT)
+    time.sleep(0.5)
+    out, err = p.communicate("JULIET:\n\n", timeout=300)
+    assert p.returncode == 0, err
+    assert "[reply stopped]" in err and "Traceback" not in err
+    assert (seen + out).count("Assistant:") == 2  # the chat went on to the next turn

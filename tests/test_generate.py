@@ -36,12 +36,13 @@ def test_every_absorbed_decode_step_equals_full_forward(models, name, prompt_len
     """YaRN case: original_max_position_embeddings is 64, decoding runs from 58 to 72."""
     model = models[name]
     prompt = _prompt(prompt_len, seed=1)
-    sess = gen._Session(model, None, [prompt], steps, SamplingParams(), ignore_eos=True)
+    # Room for one token more: the step that samples the last token skips its forward.
+    sess = gen._Session(model, None, [prompt], steps + 1, SamplingParams(), ignore_eos=True)
     step_logits = [np.asarray(sess.carry.logits[0])]  # after prefill: predicts token 0
     for _ in range(steps):
         sess.step()
         step_logits.append(np.asarray(sess.carry.logits[0]))
-    new = [int(t) for t in np.asarray(sess.carry.tokens[0])]
+    new = [int(t) for t in np.asarray(sess.carry.tokens[0, :steps])]
     full = np.asarray(model(jnp.asarray([prompt + new])))[0]
     for i, got in enumerate(step_logits):
         want = full[prompt_len - 1 + i]
@@ -153,3 +154,34 @@ class _FakeTok:
 
     def token_bytes(self, i):
         return f" w{i}".encode()
+
+
+def test_new_sampling_settings_and_lengths_do_not_compile_again():
+    """Seed, temperature, top-p, top-k, min-p and the penalty are traced; max_new_tokens is
+    bucketed. Eight calls that each change one of them, after a warm-up: no backend compile
+    (the loop used to compile for every new setting: 10 compiles, 29 s on the demo model)."""
+    from dsv2_jax.demo import demo_model_path
+
+    compiles, counting = [], [True]
+
+    def listen(event, duration, **kw):  # listeners cannot be removed: this one stops counting
+        if counting[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    model = dsv2_jax.load(demo_model_path())
+    base = dict(prompts=["ROMEO:"], max_new_tokens=40, temperature=0.7, top_p=0.9, top_k=50,
+                min_p=0.01, repetition_penalty=1.1, seed=0)
+    first = dsv2_jax.generate(model, **base)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        outs = [dsv2_jax.generate(model, **dict(base, **change)) for change in (
+            dict(seed=1), dict(temperature=1.1), dict(top_p=0.8), dict(top_k=20),
+            dict(min_p=0.05), dict(repetition_penalty=1.3), dict(max_new_tokens=33),
+            dict(max_new_tokens=64))]
+    finally:
+        counting[0] = False
+    assert len(compiles) <= 2, f"{len(compiles)} backend compiles ({sum(compiles):.1f} s)"
+    assert [len(o.token_ids[0]) <= n for o, n in zip(outs, [40] * 6 + [33, 64])] == [True] * 8
+    assert len(outs[-1].token_ids[0]) > 40 or outs[-1].finish_reasons[0] != "length"
+    # A setting really changes the output: a new seed gives another sample.
+    assert outs[0].token_ids != first.token_ids
