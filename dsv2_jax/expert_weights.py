@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import QuantizedWeight, _check_group, normal_init, tie_to
+from .layers import QuantizedWeight, check_group_size, normal_init, tie_to
 from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
 from .quant.ops import awq_grouped_linear
 from .sharding import vary_like, zeros_like_varying
@@ -40,7 +40,7 @@ class ExpertWeights(nnx.Module):
         if quant is None:
             self.weight = nnx.Param(normal_init(rngs, (n, in_features, out_features), init_std, param_dtype))
         else:
-            _check_group(quant.group_size, in_features, name)
+            check_group_size(quant.group_size, in_features, name)
             q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size, stack=n)
             self.group_size = quant.group_size
             self.qweight, self.qzeros, self.scales = (

@@ -47,7 +47,7 @@ def tie_to(x: jax.Array, a: jax.Array) -> jax.Array:
     return a + zero.astype(a.dtype)
 
 
-def _check_group(group_size: int, in_features: int, name: str) -> None:
+def check_group_size(group_size: int, in_features: int, name: str) -> None:
     if in_features % group_size:
         raise ConfigError(f"quantization_config.group_size = {group_size} does not divide the "
                           f"input size {in_features} of {name or 'a linear layer'}")
@@ -108,7 +108,7 @@ class Linear(nnx.Module):
         if quant is None:
             self.weight = nnx.Param(normal_init(rngs, (in_features, out_features), init_std, param_dtype))
         else:
-            _check_group(quant.group_size, in_features, name)
+            check_group_size(quant.group_size, in_features, name)
             q, z, s = empty_awq_arrays(in_features, out_features, quant.group_size)
             self.group_size = quant.group_size
             self.qweight, self.qzeros, self.scales = (

@@ -3,7 +3,6 @@ the devices, the same tokens as the single-device run."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder
-from tiny import LITE, write_checkpoint
+from tiny import write_tokenized_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    # 8 routed experts in layer 1 (layer 0 is dense), DeepSeek's real tokenizer
-    d = write_checkpoint(tmp_path_factory.mktemp("cli_parallel"),
-                         dict(LITE, vocab_size=100096, hidden_size=32, num_attention_heads=2,
-                              num_hidden_layers=2, bos_token_id=100000, eos_token_id=100001),
-                         dtype=np.float32, seed=1)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(deepseek_v2_tokenizer_folder() / f, d / f)
-    return d
+    return write_tokenized_checkpoint(tmp_path_factory.mktemp("cli_parallel"), seed=1, dtype=np.float32)
 
 
 def _start(devices, *args):

@@ -4,7 +4,6 @@ Python API, on the local tasks of tests/data/lm_eval (multiple choice, rolling p
 greedy generation); then the demo model from the command line."""
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +14,7 @@ import numpy as np
 import pytest
 
 import dsv2_jax.harness  # noqa: F401  (registers the "dsv2-jax" model)
-from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder
-from tiny import LITE, write_checkpoint
+from tiny import write_tokenized_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / "tests" / "data" / "lm_eval"
@@ -25,13 +23,7 @@ TASKS = ["dsv2_mc", "dsv2_rolling", "dsv2_gen"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = write_checkpoint(tmp_path_factory.mktemp("lm_eval"),
-                         dict(LITE, vocab_size=100096, hidden_size=32, num_attention_heads=2,
-                              num_hidden_layers=2, bos_token_id=100000, eos_token_id=100001),
-                         dtype=np.float32, seed=3)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(deepseek_v2_tokenizer_folder() / f, d / f)
-    return d
+    return write_tokenized_checkpoint(tmp_path_factory.mktemp("lm_eval"), seed=3, dtype=np.float32)
 
 
 def evaluate(model: str, model_args: str, monkeypatch) -> tuple[dict, float]:

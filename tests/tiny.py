@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
+import numpy as np
+
 from dsv2_jax.testing import hub_tensors, write_checkpoint  # noqa: F401
+from dsv2_jax.tokenizer import deepseek_v2_tokenizer_folder
 
 LITE = dict(  # V2-Lite structure: q_proj, dense first layer, greedy top-k, YaRN as released
     vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -25,3 +30,14 @@ FULL = dict(LITE, q_lora_rank=48, n_routed_experts=16, num_experts_per_tok=4,
 YARN = dict(LITE, max_position_embeddings=512, rope_scaling={
     "type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})
+
+
+def write_tokenized_checkpoint(folder, seed: int = 0, dtype=np.float32):
+    """A tiny V2-Lite-structured random checkpoint (8 routed experts in layer 1, layer 0
+    dense) with DeepSeek's real tokenizer files and vocabulary size: what the programs need."""
+    d = write_checkpoint(folder, dict(LITE, vocab_size=100096, hidden_size=32, num_attention_heads=2,
+                                      num_hidden_layers=2, bos_token_id=100000, eos_token_id=100001),
+                         dtype=dtype, seed=seed)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(deepseek_v2_tokenizer_folder() / f, d / f)
+    return d
