@@ -99,8 +99,19 @@ jax.tree_util.register_dataclass(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("cache",))
-def _prefill_chunk(graphdef, state, ids, positions, mask, cache, start, *, mode: AttentionMode):
+def _prefill_chunk(graphdef, state, ids, pad, cache, start, *, mode: AttentionMode):
+    """Prompt tokens ``ids`` [B, C] at cache slots ``start + [0, C)`` of left-padded rows.
+
+    Positions and the mask come from ``(start, pad)`` on the device (no [B, C, S] host array):
+    slot j is seen by query slot i when ``pad <= j <= i``; ``SELF`` (the first chunk) attends
+    over the chunk alone, ``CACHE`` over every cache slot."""
     model = nnx.merge(graphdef, state)
+    c = ids.shape[1]
+    q_slot = start + jnp.arange(c)  # [C]
+    positions = jnp.maximum(q_slot[None, :] - pad[:, None], 0)  # [B, C]
+    keys = jnp.arange(c if mode is AttentionMode.SELF else cache.max_len) + (
+        start if mode is AttentionMode.SELF else 0)  # the slots the keys sit in
+    mask = (keys[None, None, :] <= q_slot[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask, mode=mode,
                         logits_slice=slice(-1, None))
     return out.logits[:, 0], out.cache
@@ -214,7 +225,6 @@ class _Session:
         ids = np.zeros((b, p), np.int32)
         for i, r in enumerate(rows):
             ids[i, pad[i]:] = r
-        positions = np.maximum(np.arange(p)[None, :] - pad[:, None], 0).astype(np.int32)
         self.graphdef, self.state = nnx.split(model)
         cache = init_cache(cfg, b, s, model.dtype)
         eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
@@ -226,18 +236,12 @@ class _Session:
         t0 = time.perf_counter()
         compiled_before = _prefill_chunk._cache_size()
         chunk = min(p, PREFILL_CHUNK)
-        slots = np.arange(s)
+        pad_dev = jnp.asarray(pad)
         for start in range(0, p, chunk):
-            q = np.arange(start, start + chunk)
-            if start == 0:  # nothing cached yet: attend over the chunk itself
-                m = (slots[None, :chunk] <= q[:, None])[None] & (slots[:chunk] >= pad[:, None, None])
-                mode = AttentionMode.SELF
-            else:
-                m = (slots[None, :] <= q[:, None])[None] & (slots >= pad[:, None, None])
-                mode = AttentionMode.CACHE
+            # The first chunk has nothing cached before it: it attends over itself alone.
+            mode = AttentionMode.SELF if start == 0 else AttentionMode.CACHE
             logits, cache = _prefill_chunk(self.graphdef, self.state, jnp.asarray(ids[:, start:start + chunk]),
-                                           jnp.asarray(positions[:, start:start + chunk]), jnp.asarray(m),
-                                           cache, jnp.int32(start), mode=mode)
+                                           pad_dev, cache, jnp.int32(start), mode=mode)
         logits.block_until_ready()
         self.prefill_s = time.perf_counter() - t0
         self.compiled = _prefill_chunk._cache_size() > compiled_before

@@ -185,3 +185,26 @@ def test_new_sampling_settings_and_lengths_do_not_compile_again():
     assert len(outs[-1].token_ids[0]) > 40 or outs[-1].finish_reasons[0] != "length"
     # A setting really changes the output: a new seed gives another sample.
     assert outs[0].token_ids != first.token_ids
+
+
+@pytest.mark.parametrize("name", ["lite", "full_v2"])
+def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, monkeypatch, name):
+    """Prompts of 1, 2 and 3 prefill chunks (the chunk made 16 tokens so this stays small),
+    left-padded into one batch: the logits after prefill, and of every decode step, equal a
+    no-cache forward of each row alone (float32, <= 1e-4)."""
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 16)
+    model = models[name]
+    prompts = [_prompt(n, seed=10 + n) for n in (11, 29, 45)]  # padded to 48: 3 chunks of 16
+    steps = 4
+    sess = gen._Session(model, None, prompts, steps + 1, SamplingParams(), ignore_eos=True)
+    assert gen.bucket_length(45) == 48
+    logits = [np.asarray(sess.carry.logits)]
+    for _ in range(steps):
+        sess.step()
+        logits.append(np.asarray(sess.carry.logits))
+    tokens = np.asarray(sess.carry.tokens)[:, :steps]
+    for b, prompt in enumerate(prompts):
+        full = np.asarray(model(jnp.asarray([prompt + [int(t) for t in tokens[b]]])))[0]
+        for i in range(steps + 1):
+            err = np.abs(logits[i][b] - full[len(prompt) - 1 + i]).max()
+            assert err <= 1e-4, f"{name}: row {b} ({len(prompt)} tokens), step {i}: {err}"
