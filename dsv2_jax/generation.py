@@ -98,21 +98,24 @@ jax.tree_util.register_dataclass(
 # jitted pieces (graphdef static: compiled once per model structure and shape)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"), donate_argnames=("cache",))
-def _prefill_chunk(graphdef, state, ids, pad, cache, start, *, mode: AttentionMode):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "attend_len"), donate_argnames=("cache",))
+def _prefill_chunk(graphdef, state, ids, pad, cache, start, *, mode: AttentionMode, attend_len: int):
     """Prompt tokens ``ids`` [B, C] at cache slots ``start + [0, C)`` of left-padded rows.
 
     Positions and the mask come from ``(start, pad)`` on the device (no [B, C, S] host array):
     slot j is seen by query slot i when ``pad <= j <= i``; ``SELF`` (the first chunk) attends
-    over the chunk alone, ``CACHE`` over every cache slot."""
+    over the chunk alone, ``CACHE`` over the first ``attend_len`` cache slots (a power of two
+    covering the slots filled so far: a few compiled shapes, and neither the expansion through
+    ``kv_b_proj`` nor the attention runs over the empty rest of the cache)."""
     model = nnx.merge(graphdef, state)
     c = ids.shape[1]
     q_slot = start + jnp.arange(c)  # [C]
     positions = jnp.maximum(q_slot[None, :] - pad[:, None], 0)  # [B, C]
-    keys = jnp.arange(c if mode is AttentionMode.SELF else cache.max_len) + (
+    keys = jnp.arange(c if mode is AttentionMode.SELF else attend_len) + (
         start if mode is AttentionMode.SELF else 0)  # the slots the keys sit in
     mask = (keys[None, None, :] <= q_slot[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask, mode=mode,
+                        attend_len=None if mode is AttentionMode.SELF else attend_len,
                         logits_slice=slice(-1, None))
     return out.logits[:, 0], out.cache
 
@@ -240,8 +243,10 @@ class _Session:
         for start in range(0, p, chunk):
             # The first chunk has nothing cached before it: it attends over itself alone.
             mode = AttentionMode.SELF if start == 0 else AttentionMode.CACHE
+            filled = start + chunk
+            attend = min(s, 1 << (filled - 1).bit_length())
             logits, cache = _prefill_chunk(self.graphdef, self.state, jnp.asarray(ids[:, start:start + chunk]),
-                                           pad_dev, cache, jnp.int32(start), mode=mode)
+                                           pad_dev, cache, jnp.int32(start), mode=mode, attend_len=attend)
         logits.block_until_ready()
         self.prefill_s = time.perf_counter() - t0
         self.compiled = _prefill_chunk._cache_size() > compiled_before

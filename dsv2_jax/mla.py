@@ -84,9 +84,12 @@ class MLA(nnx.Module):
 
     # ---- attention -----------------------------------------------------
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
-                 mode: AttentionMode = AttentionMode.SELF):
+                 mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None):
         """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, T] (``SELF``) or [B, T, S] (``CACHE``,
-        ``LATENT``) bool, True = attend. Returns (output [B, T, H], the updated cache or None).
+        ``LATENT``) bool, True = attend. ``attend_len`` (static) limits ``CACHE`` / ``LATENT`` to
+        the first slots, those filled so far: a prefill chunk then expands and attends over them
+        alone, not over the whole allocated cache (S = ``attend_len``). Returns (output
+        [B, T, H], the updated cache or None).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
@@ -95,7 +98,7 @@ class MLA(nnx.Module):
         if mode is not AttentionMode.SELF:
             if cache is None:
                 raise ValueError(f"MLA: attention mode {mode.name} needs a cache")
-            c_kv, k_pe = cache.c_kv, cache.k_pe
+            c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
         attend = self._absorbed if mode is AttentionMode.LATENT else self._materialised
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
         out = out.reshape(*x.shape[:2], -1)

@@ -53,8 +53,10 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, prefix=f"{prefix}.mlp", **kw)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, mode=AttentionMode.SELF):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, mode)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, mode=AttentionMode.SELF,
+                 attend_len=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, mode,
+                                     attend_len)
         x = x + attn
         h = self.post_attention_layernorm(x)
         routing = None
@@ -97,8 +99,8 @@ class DeepseekV2(nnx.Module):
 
     def forward(self, input_ids, positions=None, attention_mask=None, *,
                 cache: KVCache | None = None, cache_index=None, mask=None,
-                mode: AttentionMode | None = None, output_hidden_states=False,
-                logits_slice: slice | None = None) -> ModelOutput:
+                mode: AttentionMode | None = None, attend_len: int | None = None,
+                output_hidden_states=False, logits_slice: slice | None = None) -> ModelOutput:
         """The full forward pass.
 
         input_ids [B, T] int; positions [B, T] (default 0..T-1, or from ``cache_index``);
@@ -107,7 +109,7 @@ class DeepseekV2(nnx.Module):
         ``mode`` (an :class:`~dsv2_jax.mla.AttentionMode`) says what the tokens attend to:
         ``SELF`` (the default without a cache), ``CACHE`` (the default with one) or ``LATENT``
         (decode); ``mask`` is [B, T, T] for ``SELF`` and [B, T, S] otherwise, built causally
-        when not given.
+        when not given; ``attend_len`` (static) makes S the first ``attend_len`` cache slots.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -120,7 +122,7 @@ class DeepseekV2(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if mask is None:
             over_cache = None if mode is AttentionMode.SELF else cache
-            mask = causal_mask(b, t, over_cache, cache_index, attention_mask)
+            mask = causal_mask(b, t, over_cache, cache_index, attention_mask, attend_len)
         cos, sin = cos_sin(self.config, positions)
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
@@ -128,7 +130,7 @@ class DeepseekV2(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, routing, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, mode)
+            x, routing, layer_cache = layer(x, cos, sin, mask, layer_cache, cache_index, mode, attend_len)
             if routing is not None:
                 routings.append(routing)
             new_cache.append(layer_cache)
@@ -146,14 +148,14 @@ class DeepseekV2(nnx.Module):
         )
 
 
-def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None) -> jax.Array:
+def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None, attend_len=None) -> jax.Array:
     """[B, T, S] bool: query slot i sees key slot j <= i (and only real tokens)."""
     if cache is None:
         q_slot = jnp.arange(t)
         s = t
     else:
         q_slot = cache_index + jnp.arange(t)
-        s = cache.max_len
+        s = attend_len or cache.max_len
     mask = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
     mask = jnp.broadcast_to(mask, (b, t, s))
     if attention_mask is not None:
