@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import SegmentMask, blockwise_attention
 from .cache import LayerCache
 from .config import DeepseekV2Config
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 _NEG_INF = -1e30  # finite so fully masked rows (padding) give zeros, not NaNs
+BLOCK = 512  # key block of the blockwise form; shorter sequences take the materialised one
 
 
 class AttentionMode(enum.Enum):
@@ -109,9 +111,16 @@ class MLA(nnx.Module):
         return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
 
     def _materialised(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """mask: [B, T, S] bool, or a SegmentMask (causal within packed documents, training):
+        past ``BLOCK`` tokens that one runs blockwise, never holding [B, nh, T, T] scores."""
         cfg = self.cfg
         kv = jnp.einsum("bsr,rnd->bsnd", c_kv, self.kv_b_weight(after=c_kv))  # [B, S, nh, 256]
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+        if isinstance(mask, SegmentMask):
+            if q_nope.shape[1] > BLOCK:
+                return blockwise_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale,
+                                           BLOCK, self.dtype)
+            mask = mask.dense()
         f32 = jnp.float32
         scores = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
         scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)

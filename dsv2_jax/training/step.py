@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ..attention import SegmentMask
 from ..model import ModelOutput
 from ..rope import cos_sin
 from .losses import cross_entropy, expert_load, total_balance_loss
@@ -49,13 +50,10 @@ def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainStat
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def attention_mask(segments: jax.Array, document_mask: bool = True) -> jax.Array:
-    """[B, T, T] bool: causal, and (with ``document_mask``) within the same packed document."""
-    b, t = segments.shape
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    if document_mask:
-        mask = mask & (segments[:, :, None] == segments[:, None, :])
-    return jnp.broadcast_to(mask, (b, t, t))
+def attention_mask(segments: jax.Array, document_mask: bool = True) -> SegmentMask:
+    """Causal, and (with ``document_mask``) within the same packed document: a SegmentMask, so
+    that long rows attend blockwise (``dsv2_jax.attention``) instead of holding [B, T, T]."""
+    return SegmentMask(segments if document_mask else jnp.zeros_like(segments))
 
 
 def train_forward(model, input_ids, positions, mask, remat: str = "none") -> ModelOutput:
