@@ -101,21 +101,6 @@ def apply_repetition_penalty(logits: jax.Array, seen_mask: jax.Array, penalty: f
     return jnp.where(seen_mask, penalized, logits)
 
 
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """Set all but the k largest logits of each row to -inf (k = 0 or k >= V: unchanged).
-
-    Tokens tied with the k-th value are all kept, as in HF's TopKLogitsWarper.
-
-    Example:
-        >>> top_k_mask(jnp.array([[1.0, 3.0, 2.0]]), 2)
-        Array([[-inf,  3.,  2.]], dtype=float32)
-    """
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
-    return jnp.where(logits < kth, NEG_INF, logits)
-
-
 def _top_p_threshold(sorted_desc: jax.Array, top_p) -> jax.Array:
     """Smallest logit of the nucleus, given each row's logits sorted descending. Returns [B, 1]."""
     probs = jax.nn.softmax(sorted_desc, axis=-1)
@@ -124,37 +109,6 @@ def _top_p_threshold(sorted_desc: jax.Array, top_p) -> jax.Array:
     mass_above = jnp.cumsum(probs, axis=-1) - probs
     n_keep = jnp.sum(mass_above < top_p, axis=-1, keepdims=True)  # >= 1
     return jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
-
-
-def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
-    """Nucleus filter: keep the smallest set of top tokens whose probability sums to >= top_p.
-
-    Always keeps the top token. `top_p` = 1 leaves logits unchanged. Sorts the whole vocabulary;
-    `filter_logits` sorts only the top-k candidates when top-k is also on.
-
-    Example:
-        >>> top_p_mask(jnp.log(jnp.array([[0.5, 0.3, 0.2]])), 0.7)  # 0.5 < 0.7 <= 0.8
-        Array([[-0.6931472, -1.2039728,       -inf]], dtype=float32)
-    """
-    if top_p >= 1:
-        return logits
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    return jnp.where(logits < _top_p_threshold(sorted_desc, top_p), NEG_INF, logits)
-
-
-def min_p_mask(logits: jax.Array, min_p: float) -> jax.Array:
-    """Keep tokens whose probability is >= min_p times the top token's (min_p = 0: unchanged).
-
-    Example:
-        >>> min_p_mask(jnp.log(jnp.array([[0.6, 0.3, 0.1]])), 0.25)  # 0.1 < 0.25 * 0.6
-        Array([[-0.5108256, -1.2039728,       -inf]], dtype=float32)
-    """
-    if min_p <= 0:
-        return logits
-    # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p): no softmax needed, and the
-    # comparison stays exact where tiny probabilities would underflow.
-    max_logit = jnp.max(logits, axis=-1, keepdims=True)
-    return jnp.where(logits - max_logit < math.log(min_p), NEG_INF, logits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,11 +12,8 @@ from dsv2_jax.sampling import (
     apply_repetition_penalty,
     filter_logits,
     mark_seen,
-    min_p_mask,
     sample,
     seen_mask_from_tokens,
-    top_k_mask,
-    top_p_mask,
 )
 
 B, V = 4, 1000
@@ -87,7 +84,7 @@ def assert_same_mask(got, want):
 
 @pytest.mark.parametrize("k", [0, 1, 2, 7, 50, 999, 1000, 5000])
 def test_top_k_mask(logits, k):
-    got = top_k_mask(jnp.asarray(logits), k)
+    got = filter_logits(jnp.asarray(logits), SamplingParams(temperature=1.0, top_k=k))
     assert_same_mask(got, np_top_k(logits, k))
     if 0 < k < V:
         assert (np.isfinite(np.asarray(got)).sum(-1) == k).all()
@@ -95,7 +92,7 @@ def test_top_k_mask(logits, k):
 
 @pytest.mark.parametrize("p", [1e-4, 0.1, 0.5, 0.9, 0.99, 1.0])
 def test_top_p_mask(logits, p):
-    got = top_p_mask(jnp.asarray(logits), p)
+    got = filter_logits(jnp.asarray(logits), SamplingParams(temperature=1.0, top_p=p))
     want = np_top_p(logits, p)
     assert_same_mask(got, want)
     kept = np.isfinite(want)
@@ -106,7 +103,8 @@ def test_top_p_mask(logits, p):
 
 @pytest.mark.parametrize("min_p", [0.0, 1e-3, 0.05, 0.3, 0.9])
 def test_min_p_mask(logits, min_p):
-    assert_same_mask(min_p_mask(jnp.asarray(logits), min_p), np_min_p(logits, min_p))
+    got = filter_logits(jnp.asarray(logits), SamplingParams(temperature=1.0, min_p=min_p))
+    assert_same_mask(got, np_min_p(logits, min_p))
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
