@@ -109,23 +109,19 @@ def _prefill_chunk(graphdef, state, ids, pad, cache, start, *, mode: AttentionMo
     ``kv_b_proj`` nor the attention runs over the empty rest of the cache)."""
     model = nnx.merge(graphdef, state)
     c = ids.shape[1]
-    q_slot = start + jnp.arange(c)  # [C]
-    positions = jnp.maximum(q_slot[None, :] - pad[:, None], 0)  # [B, C]
-    keys = jnp.arange(c if mode is AttentionMode.SELF else attend_len) + (
-        start if mode is AttentionMode.SELF else 0)  # the slots the keys sit in
-    mask = (keys[None, None, :] <= q_slot[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
-    out = model.forward(ids, positions, cache=cache, cache_index=start, mask=mask, mode=mode,
-                        attend_len=None if mode is AttentionMode.SELF else attend_len,
-                        logits_slice=slice(-1, None))
+    positions = jnp.maximum(start + jnp.arange(c)[None, :] - pad[:, None], 0)  # [B, C]
+    self_only = mode is AttentionMode.SELF  # the first chunk: start is 0, keys are the chunk
+    real = jnp.arange(c if self_only else attend_len)[None, :] >= pad[:, None]  # [B, keys]
+    out = model.forward(ids, positions, real, cache=cache, cache_index=start, mode=mode,
+                        attend_len=None if self_only else attend_len, logits_slice=slice(-1, None))
     return out.logits[:, 0], out.cache
 
 
 def _decode_logits(model, cache: KVCache, token, slot, pad):
     """One absorbed-MLA step for tokens [B] at cache slot ``slot``."""
-    slots = jnp.arange(cache.max_len)
-    mask = (slots[None, :] <= slot) & (slots[None, :] >= pad[:, None])  # [B, S]
-    out = model.forward(token[:, None], (slot - pad)[:, None], cache=cache, cache_index=slot,
-                        mask=mask[:, None, :], mode=AttentionMode.LATENT)
+    real = jnp.arange(cache.max_len)[None, :] >= pad[:, None]  # [B, S]: not left padding
+    out = model.forward(token[:, None], (slot - pad)[:, None], real, cache=cache, cache_index=slot,
+                        mode=AttentionMode.LATENT)
     return out.logits[:, 0], out.cache
 
 
