@@ -104,8 +104,7 @@ def atomic_folder(folder: Path):
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.parent.exists():
-        recover(folder)
+    recover(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         yield tmp

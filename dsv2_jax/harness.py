@@ -150,7 +150,7 @@ class Dsv2JaxLM(TemplateLM):
         out: list[tuple[float, bool] | None] = [None] * len(rows)
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            length = min(_bucket(max(len(r[1]) for r in chunk)), max(self.max_length, len(chunk[0][1])))
+            length = min(_bucket(len(chunk[0][1])), self.max_length)  # longest first; <= max_length
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros((self.batch_size, length), np.int32)
             for b, (_, inp, tgt, _) in enumerate(chunk):  # right padding: causal, never attended
