@@ -21,9 +21,9 @@ saved (disk full, ...; the previous ones are intact), 130 / 143 stopped by Ctrl-
 
 Interrupts: Ctrl-C or SIGTERM (how cluster jobs are preempted) during the step loop lets the
 current step finish, saves a checkpoint of it, waits for every save in flight and exits
-(130 / 143); running the same command again resumes there. A second Ctrl-C stops at once, still
-waiting for saves already in flight. Before the loop starts (loading, compiling) they stop at
-once: nothing has been trained yet.
+(130 / 143); running the same command again resumes there. A second signal stops at once
+(checkpoints already committed stay intact; the one being written may not complete). Before the
+loop starts (loading, compiling) they stop at once: nothing has been trained yet.
 """
 
 from __future__ import annotations
