@@ -36,7 +36,7 @@ _QUANT_LEAVES = ("qweight", "qzeros", "scales")
 # name mapping
 
 
-def _hub_name(path: tuple) -> tuple[str, bool]:
+def hub_name(path: tuple) -> tuple[str, bool]:
     """Model state path -> (hub name with '{e}' for the expert index, transpose?)."""
     parts = [str(p) for p in path]
     leaf = parts[-1]
@@ -61,7 +61,7 @@ def _param_table(state) -> dict[str, tuple[tuple, bool, bool]]:
     """hub name (with {e}) -> (state path, transpose, stacked over experts)."""
     table = {}
     for path, var in nnx.to_flat_state(state):
-        name, transpose = _hub_name(path)
+        name, transpose = hub_name(path)
         table[name] = (path, transpose, "{e}" in name)
     return table
 

@@ -93,6 +93,13 @@ class MLA(nnx.Module):
         alone, not over the whole allocated cache (S = ``attend_len``). Returns (output
         [B, T, H], the updated cache or None).
         """
+        out, cache = self.heads(x, cos, sin, mask, cache, cache_index, mode, attend_len)
+        return self.o_proj(out), cache
+
+    def heads(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
+              mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None):
+        """As :meth:`__call__`, but the attended values of all heads before ``o_proj``:
+        ([B, T, nh · v], the updated cache or None)."""
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
@@ -103,8 +110,7 @@ class MLA(nnx.Module):
             c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
         attend = self._absorbed if mode is AttentionMode.LATENT else self._materialised
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
-        out = out.reshape(*x.shape[:2], -1)
-        return self.o_proj(out), cache
+        return out.reshape(*x.shape[:2], -1), cache
 
     def _softmax(self, scores, mask):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, _NEG_INF)

@@ -9,8 +9,10 @@ import torch
 def load_hf(folder, dtype=torch.float32):
     from transformers import DeepseekV2ForCausalLM
 
+    # The eager experts loop runs any dtype (the grouped_mm default has no float64).
+    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
     return DeepseekV2ForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, attn_implementation="eager").eval()
+        str(folder), dtype=dtype, attn_implementation="eager", **extra).eval()
 
 
 def hf_forward(model, ids: np.ndarray, positions: np.ndarray | None = None):
