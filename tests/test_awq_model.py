@@ -112,11 +112,13 @@ def test_quantize_round_trip_is_close_to_dense(tmp_path):
 
     dense_dir = write_checkpoint(tmp_path / "dense", dict(LITE, moe_intermediate_size=64, kv_lora_rank=64,
                                                           intermediate_size=128), seed=2)
-    out = dsv2_jax.quantize(str(dense_dir), tmp_path / "awq", group_size=64)
+    out = dsv2_jax.quantize(str(dense_dir), tmp_path / "awq", group_size=64, method="rtn")
     cfg = json.loads((out / "config.json").read_text())
+    record = cfg["quantization_config"].pop("dsv2_jax")
     assert cfg["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 64,
                                           "zero_point": True, "version": "gemm",
                                           "modules_to_not_convert": None}
+    assert record["method"] == "rtn"
     names = load_file(str(out / "model.safetensors"))
     assert names["model.layers.1.mlp.experts.3.up_proj.qweight"].dtype == np.int32
     assert names["model.layers.1.mlp.gate.weight"].dtype == np.float16

@@ -123,7 +123,7 @@ def test_awq_group_size_that_disagrees_with_the_tensors(tmp_path):
 
     dense = write_checkpoint(tmp_path / "dense", dict(LITE, hidden_size=128, kv_lora_rank=64,
                                                       intermediate_size=128, moe_intermediate_size=64))
-    q = quantize_checkpoint(dense, tmp_path / "awq", 32)
+    q = quantize_checkpoint(dense, tmp_path / "awq", 32, method="rtn")
     cfg = json.loads((q / "config.json").read_text())
     cfg["quantization_config"]["group_size"] = 64
     (q / "config.json").write_text(json.dumps(cfg))
@@ -133,7 +133,8 @@ def test_awq_group_size_that_disagrees_with_the_tensors(tmp_path):
     assert ("(config.json's quantization_config.group_size = 64 gives 2 groups; the tensor has 4, "
             "as group_size 32 would)") in str(e.value)
     # A group size that does not even divide a layer's input names the layer.
-    small = quantize_checkpoint(write_checkpoint(tmp_path / "d2", LITE), tmp_path / "awq2", 32)
+    small = quantize_checkpoint(write_checkpoint(tmp_path / "d2", LITE), tmp_path / "awq2", 32,
+                               method="rtn")
     cfg = json.loads((small / "config.json").read_text())
     cfg["quantization_config"]["group_size"] = 64
     (small / "config.json").write_text(json.dumps(cfg))

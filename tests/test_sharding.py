@@ -121,7 +121,7 @@ def e2e(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sharding")
     dense = write_checkpoint(tmp / "dense", dict(CFG, num_hidden_layers=2, first_k_dense_replace=0), seed=3)
-    awq = quantize_checkpoint(dense, tmp / "awq", group_size=32)
+    awq = quantize_checkpoint(dense, tmp / "awq", group_size=32, method="rtn")
     return run("awq_fsdp", dense, awq)
 
 

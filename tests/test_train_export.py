@@ -63,7 +63,7 @@ def test_export_bfloat16_and_step(run_dir, tmp_path):
 def test_export_awq(run_dir, tmp_path):
     # The tiny model's linears have 32 or 64 inputs: group size 32 divides them all.
     assert export.main([str(run_dir), "--out", str(tmp_path / "awq"), "--awq",
-                        "--group-size", "32"]) == 0
+                        "--group-size", "32", "--method", "rtn"]) == 0
     cfg = json.loads((tmp_path / "awq" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "awq"
     assert cfg["quantization_config"]["group_size"] == 32
@@ -82,3 +82,18 @@ def test_export_awq(run_dir, tmp_path):
         assert np.all(np.abs(deq - w) <= step * 1.01 + 1e-6), name
     ids = jnp.asarray(prompt_ids(tok))
     assert np.isfinite(np.asarray(q(ids))).all()
+
+
+def test_export_awq_calibrates_on_the_runs_training_text(run_dir, tmp_path):
+    assert export.main([str(run_dir), "--out", str(tmp_path / "awq"), "--awq",
+                        "--group-size", "32"]) == 0
+    q = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert q["dsv2_jax"]["method"] == "awq"
+    # the run's text.txt, in windows of the run's seq_len (32), its held-out tail (none) left out
+    assert q["dsv2_jax"]["calibration"] == {"files": ["text.txt"], "samples": 128, "seq_len": 32,
+                                            "heldout_fraction_left_out": 0.0}
+    trained, _, tok = export.load_run_model(run_dir)
+    ids = jnp.asarray(prompt_ids(tok))
+    got = np.asarray(dsv2_jax.load(tmp_path / "awq", dtype="float32")(ids))
+    want = np.asarray(trained(ids))
+    assert np.abs(got - want).mean() < 0.1 * np.abs(want).mean()

@@ -6,8 +6,9 @@
 
 The folder holds config.json, safetensors with hub tensor names and the run's tokenizer files;
 ``dsv2_jax.load`` and transformers' ``DeepseekV2ForCausalLM`` read it. ``--awq`` exports the dense
-weights to a temporary folder and quantizes them (round-to-nearest, AutoAWQ GEMM layout) with
-``dsv2_jax.quant.quantizer.quantize_checkpoint``; the AWQ loader reads the result.
+weights to a temporary folder and quantizes them into the AutoAWQ GEMM layout with
+``dsv2_jax.quant.quantizer.quantize_checkpoint``: AWQ calibrated on the run's own training text
+(its held-out tail left out; ``--calib FILE…`` to choose other text), or ``--method rtn``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,22 @@ def load_run_model(run_dir: str | Path, step: int | None = None, dtype: str | No
     return model, step, tok
 
 
+def run_calibration(run_dir: Path):
+    """The run's training files and held-out fraction, from its config.yaml (paths as the run
+    resolved them, relative to the directory it ran in)."""
+    import yaml
+
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()).get("data", {})
+    files = [Path(f) for f in data.get("train", [])]
+    missing = [str(f) for f in files if not f.exists()]
+    if not files or missing:
+        raise FileNotFoundError(f"{run_dir}/config.yaml: the run's training text {missing or files} "
+                                "is not here to calibrate AWQ on; pass --calib FILE (or --method rtn)")
+    return files, float(data.get("heldout_fraction") or 0.0), int(data.get("seq_len") or 512)
+
+
 def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, awq: bool = False,
-           group_size: int = 64) -> Path:
+           group_size: int = 64, method: str = "awq", calib=None) -> Path:
     import dsv2_jax
 
     model, step, tok = load_run_model(run_dir, step, dtype)
@@ -76,8 +91,16 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense.", dir=out.parent))
     try:
+        kwargs = {}
+        if method == "awq":
+            if calib:
+                kwargs = {"calib": calib}
+            else:
+                files, heldout, seq_len = run_calibration(run_dir)
+                kwargs = {"calib": files, "calib_heldout_fraction": heldout,
+                          "calib_seq_len": min(seq_len, 512)}
         dense = dsv2_jax.save(model, tmp / "dense", tokenizer=tok)
-        quantize_checkpoint(dense, out, group_size=group_size)
+        quantize_checkpoint(dense, out, group_size=group_size, method=method, **kwargs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -93,14 +116,17 @@ def main(argv=None) -> int:
                    help="tensor dtype (default: the run's param_dtype)")
     p.add_argument("--awq", action="store_true", help="write a 4-bit AWQ (GEMM) checkpoint")
     p.add_argument("--group-size", type=int, default=64, help="AWQ group size (default 64)")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq",
+                   help="with --awq: calibrated AWQ search, or round-to-nearest")
+    p.add_argument("--calib", nargs="+", metavar="FILE",
+                   help="with --awq: calibration text (default: the run's training text)")
     args = p.parse_args(argv)
-    from dsv2_jax.config import ConfigError
-    from dsv2_jax.hub_format import CheckpointError
+    from dsv2_jax.errors import Dsv2Error
 
     try:
         out = export(args.run_dir, args.out, step=args.step, dtype=args.dtype, awq=args.awq,
-                     group_size=args.group_size)
-    except (FileNotFoundError, CheckpointError, ConfigError, RuntimeError, ValueError) as e:
+                     group_size=args.group_size, method=args.method, calib=args.calib)
+    except (FileNotFoundError, Dsv2Error, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

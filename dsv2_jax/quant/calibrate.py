@@ -117,12 +117,28 @@ def scale_groups(cfg: DeepseekV2Config, layer: int) -> list[ScaleGroup]:
     return groups
 
 
-def quantized_linears(cfg: DeepseekV2Config, layer: int) -> list[str]:
+def skipped(name: str, skip: Sequence[str]) -> bool:
+    """AutoAWQ's ``modules_to_not_convert``: a linear stays dense when an entry is a substring
+    of its name."""
+    return any(s and s in name for s in skip)
+
+
+def quantized_linears(cfg: DeepseekV2Config, layer: int, skip: Sequence[str] = ()) -> list[str]:
     """Every linear of the layer that is quantized (relative hub names, without ``.weight``)."""
     out = []
     for g in scale_groups(cfg, layer):
         out += [n for n in g.linears if n not in out]
-    return out + ["self_attn.o_proj"]
+    return [n for n in out + ["self_attn.o_proj"] if not skipped(f"model.layers.{layer}.{n}", skip)]
+
+
+def without(group: ScaleGroup, layer: int, skip: Sequence[str]) -> ScaleGroup | None:
+    """The group with its skipped (unquantized) linears moved to the compensated readers;
+    None when none is left to quantize."""
+    kept = tuple(n for n in group.linears if not skipped(f"model.layers.{layer}.{n}", skip))
+    if not kept:
+        return None
+    dropped = tuple(n for n in group.linears if n not in kept)
+    return dataclasses.replace(group, linears=kept, compensate=group.compensate + dropped)
 
 
 def fold_scale(tensors: dict, layer: int, group: ScaleGroup, scales: np.ndarray) -> None:
@@ -258,9 +274,10 @@ class _Chunks:
 
 
 def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, group_size: int,
-              bits: int = 4, *, clip: bool = True) -> LayerResult:
+              bits: int = 4, *, clip: bool = True, skip: Sequence[str] = ()) -> LayerResult:
     """Search, fold and clip one decoder layer. ``tensors``: its hub tensors (float32, ``[out,
-    in]``; modified in place); ``x [n, T, H]``: its calibration input."""
+    in]``; modified in place); ``x [n, T, H]``: its calibration input; ``skip``: name parts of
+    linears left unquantized (``modules_to_not_convert``)."""
     p = f"model.layers.{layer}."
     graphdef, state = layer_state(cfg, layer, tensors)
     chunks = _Chunks(cfg, x.shape[0], x.shape[1])
@@ -289,7 +306,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
         flat[f"{m}.down_proj"] = (g / (1.0 + np.exp(-g))) * u
 
     # 1. every group's scale, searched on the float layer
-    groups = scale_groups(cfg, layer)
+    groups = [g for g in (without(g, layer, skip) for g in scale_groups(cfg, layer)) if g]
     found = []
     for g in groups:
         xin = flat[g.inputs]
@@ -303,7 +320,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
             w = jnp.asarray(ws[0])
             xs, valid = _padded(xin)
             result = search.search_scale(
-                x_mean, w_mean, lambda s: _linear_error(group_size, bits, w, s, xs, valid))
+                x_mean, w_mean, lambda s, w=w, xs=xs, valid=valid: _linear_error(group_size, bits, w, s, xs, valid))
         else:
             paths = tuple(dict.fromkeys(_module_path(n) for n in g.linears))
             ref = acts[g.judged_on]
@@ -329,7 +346,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
         alphas[g.prev] = result.alpha
 
     # 3. clip, on the scaled weights and inputs
-    names = quantized_linears(cfg, layer)
+    names = quantized_linears(cfg, layer, skip)
     if clip:
         for name in names:
             if any(a in name for a in AVOID_CLIPPING):

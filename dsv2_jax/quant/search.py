@@ -186,6 +186,5 @@ def search_clip(w, x, group_size: int, bits: int = 4, *, n_grid: int = N_GRID,
 
 def apply_clip(w: np.ndarray, max_val: np.ndarray, group_size: int) -> np.ndarray:
     """Clamp ``w [in, out]`` to ``±max_val [in/G, out]`` group by group (NumPy)."""
-    n_in, n_out = w.shape
     m = np.repeat(np.asarray(max_val, np.float32), group_size, axis=0)
     return np.clip(np.asarray(w, np.float32), -m, m)

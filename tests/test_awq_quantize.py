@@ -1,0 +1,163 @@
+"""AWQ quantization end to end: calibration input errors, the written checkpoint, and quality
+where AWQ matters (activation outliers) measured as held-out loss on real text."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import dsv2_jax
+from dsv2_jax.config import DeepseekV2Config
+from dsv2_jax.demo import demo_model_path
+from dsv2_jax.errors import DataError
+from dsv2_jax.quant import calibrate
+from dsv2_jax.quant.__main__ import main as quant_main
+from dsv2_jax.quant.awq import dequantize_np
+from dsv2_jax.quant.quantizer import quantize_checkpoint
+from dsv2_jax.tokenizer import load_tokenizer
+from train.evaluate import evaluate, heldout_windows
+
+CORPUS = "data/shakespeare.txt.gz"
+G = 64
+
+
+def dense_demo(folder):
+    """The demo model as a dense float32 checkpoint that is *not* on a 4-bit grid: each
+    dequantized weight plus uniform noise of one quantization step (what RTN would have
+    rounded away), so re-quantizing it costs what quantizing a trained model costs."""
+    src = demo_model_path()
+    t = load_file(str(src / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, a in t.items():
+        if name.endswith((".qzeros", ".scales")):
+            continue
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            s = t[base + ".scales"].astype(np.float32)
+            w = dequantize_np(a, t[base + ".qzeros"], s, G)  # [in, out]
+            w = w + rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) * np.repeat(s, G, axis=0)
+            out[base + ".weight"] = np.ascontiguousarray(w.T)
+        else:
+            out[name] = a.astype(np.float32)
+    folder.mkdir(parents=True)
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    cfg["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, folder / f)
+    return folder
+
+
+def add_outliers(folder, channels=(7, 70, 150, 222), factor=32.0):
+    """Scale hidden channels up in the normalised residual stream (the input and post-attention
+    norms' weights) and the weights that read them down, the router included: the float model
+    is unchanged, its linears now see activation outliers (as real LLMs' do)."""
+    t = load_file(str(folder / "model.safetensors"))
+    cfg = DeepseekV2Config.from_json(folder / "config.json")
+    s = np.ones(cfg.hidden_size, np.float32)
+    s[list(channels)] = 1.0 / factor
+    for layer in range(cfg.num_hidden_layers):
+        for g in calibrate.scale_groups(cfg, layer):
+            if g.prev in ("input_layernorm", "post_attention_layernorm"):
+                calibrate.fold_scale(t, layer, g, s)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory):
+    return add_outliers(dense_demo(tmp_path_factory.mktemp("awq") / "dense"))
+
+
+CALIB = ["--calib", CORPUS, "--calib-samples", "16", "--calib-seq-len", "256",
+         "--calib-heldout-fraction", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def quantized(outlier_model, tmp_path_factory):
+    """The outlier model quantized by the CLI (AWQ, packed), and in dense form by RTN and by
+    the same AWQ search; calibrated on the demo's training text (its held-out tail left out)."""
+    tmp = tmp_path_factory.mktemp("quantized")
+    assert quant_main(["--model", str(outlier_model), "--out", str(tmp / "awq"), *CALIB]) == 0
+    calib = dict(calib=[CORPUS], calib_samples=16, calib_seq_len=256, calib_heldout_fraction=0.05)
+    return {"awq": tmp / "awq",
+            "awq-dense": quantize_checkpoint(outlier_model, tmp / "awq-dense", G, dense_output=True,
+                                             progress=False, **calib),
+            "rtn-dense": quantize_checkpoint(outlier_model, tmp / "rtn-dense", G, method="rtn",
+                                             dense_output=True, progress=False)}
+
+
+def heldout_loss(folder, windows):
+    return evaluate(dsv2_jax.load(folder, dtype="float32"), windows, batch=8)["loss"]
+
+
+def test_awq_recovers_most_of_the_rtn_gap_with_activation_outliers(outlier_model, quantized):
+    tok = load_tokenizer(outlier_model)
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        windows = heldout_windows(tok, f.read(), 0.05, 256, 16)  # the demo's held-out text
+    base = heldout_loss(outlier_model, windows)
+    rtn = heldout_loss(quantized["rtn-dense"], windows)
+    awq = heldout_loss(quantized["awq-dense"], windows)
+    print(f"\nheld-out loss, 4-bit g{G}: float {base:.4f}, RTN {rtn:.4f} (+{rtn - base:.4f}), "
+          f"AWQ {awq:.4f} (+{awq - base:.4f})")
+    assert rtn - base > 0.004  # the outliers hurt RTN (measured +0.0081)
+    assert awq - base <= 0.5 * (rtn - base)  # AWQ recovers at least half of the gap (the paper's ratio)
+
+
+def test_awq_checkpoint_records_its_calibration_and_computes_its_dense_form(outlier_model, quantized):
+    folder = quantized["awq"]
+    q = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert (q["quant_method"], q["bits"], q["group_size"], q["version"]) == ("awq", 4, G, "gemm")
+    assert q["modules_to_not_convert"] is None
+    assert q["dsv2_jax"]["method"] == "awq"
+    assert q["dsv2_jax"]["calibration"] == {"files": ["shakespeare.txt.gz"], "samples": 16,
+                                            "seq_len": 256, "heldout_fraction_left_out": 0.05}
+    assert "AWQ (activation-aware scale search + clip search" in (folder / "README.md").read_text()
+    names = load_file(str(folder / "model.safetensors"))
+    assert names["model.layers.1.mlp.experts.5.down_proj.qweight"].dtype == np.int32
+    assert names["model.layers.1.mlp.gate.weight"].dtype == np.float16  # the router: not quantized
+    # The packed checkpoint computes what the dense form of the same search computes.
+    ids = np.asarray([load_tokenizer(outlier_model).encode("ROMEO: What light", add_bos=True)])
+    packed = np.asarray(dsv2_jax.load(folder, dtype="float32")(ids))
+    dense = np.asarray(dsv2_jax.load(quantized["awq-dense"], dtype="float32")(ids))
+    err = np.abs(packed - dense).max()
+    print(f"\npacked vs dense form: max |Δ logit| {err:.2e}")
+    assert err < 0.05  # fp16 storage of the unquantized tensors (norms, router, embeddings)
+
+
+def test_skipped_linears_stay_dense(outlier_model, tmp_path):
+    out = quantize_checkpoint(outlier_model, tmp_path / "rtn", G, method="rtn", skip=("kv_b_proj",),
+                              progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"][
+        "modules_to_not_convert"] == ["kv_b_proj"]
+    names = load_file(str(out / "model.safetensors"))
+    assert names["model.layers.1.self_attn.kv_b_proj.weight"].shape == (4 * 64, 64)
+    assert "model.layers.1.self_attn.kv_b_proj.qweight" not in names
+    assert not dsv2_jax.load(out, dtype="float32").layers[1].self_attn.kv_b_proj.quantized
+
+
+@pytest.mark.parametrize("text, err", [
+    ("", "empty: no text"),
+    ("Too short.", "calibration tokens; one sample needs --calib-seq-len = 128"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+])
+def test_bad_calibration_file_is_named(outlier_model, tmp_path, text, err):
+    f = tmp_path / "calib.txt"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DataError, match=err) as e:
+        quantize_checkpoint(outlier_model, tmp_path / "out", G, calib=[f], calib_seq_len=128)
+    assert str(f) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_awq_without_calibration_text_says_what_to_pass(outlier_model, tmp_path, capsys):
+    assert quant_main(["--model", str(outlier_model), "--out", str(tmp_path / "o")]) == 2
+    assert "AWQ needs calibration text: pass --calib FILE" in capsys.readouterr().err
