@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,4 +92,62 @@ def write_checkpoint(folder, cfg: dict, seed: int = 0, shards: int = 1, dtype=np
         weight_map.update({k: fname for k in part})
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def dense_demo_checkpoint(folder, seed: int = 0) -> Path:
+    """The demo model as a dense float32 checkpoint that is *not* on a 4-bit grid: each
+    dequantized weight plus uniform noise of one quantization step (what RTN would have
+    rounded away), so re-quantizing it costs what quantizing a trained model costs."""
+    from safetensors.numpy import load_file, save_file
+
+    from .demo import demo_model_path
+    from .quant.awq import dequantize_np
+
+    src = demo_model_path()
+    folder = Path(folder)
+    cfg = json.loads((src / "config.json").read_text())
+    group_size = cfg.pop("quantization_config")["group_size"]
+    t = load_file(str(src / "model.safetensors"))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, a in t.items():
+        if name.endswith((".qzeros", ".scales")):
+            continue
+        if name.endswith(".qweight"):
+            base = name[: -len(".qweight")]
+            s = t[base + ".scales"].astype(np.float32)
+            w = dequantize_np(a, t[base + ".qzeros"], s, group_size)  # [in, out]
+            w = w + rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) * np.repeat(s, group_size, axis=0)
+            out[base + ".weight"] = np.ascontiguousarray(w.T)
+        else:
+            out[name] = a.astype(np.float32)
+    folder.mkdir(parents=True)
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, folder / f)
+    return folder
+
+
+def add_activation_outliers(folder, channels=(7, 70, 150, 222), factor: float = 32.0) -> Path:
+    """Scale hidden channels up in the normalised residual stream (the input and post-attention
+    norms' weights) and the weights that read them down, the router included: the float model
+    is unchanged, its linears now see activation outliers (as real LLMs' do)."""
+    from safetensors.numpy import load_file, save_file
+
+    from .config import DeepseekV2Config
+    from .quant import calibrate
+
+    folder = Path(folder)
+    t = load_file(str(folder / "model.safetensors"))
+    cfg = DeepseekV2Config.from_json(folder / "config.json")
+    s = np.ones(cfg.hidden_size, np.float32)
+    s[list(channels)] = 1.0 / factor
+    for layer in range(cfg.num_hidden_layers):
+        for g in calibrate.scale_groups(cfg, layer):
+            if g.prev in ("input_layernorm", "post_attention_layernorm"):
+                calibrate.fold_scale(t, layer, g, s)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

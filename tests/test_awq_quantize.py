@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import dsv2_jax
-from dsv2_jax.config import DeepseekV2Config
-from dsv2_jax.demo import demo_model_path
 from dsv2_jax.errors import DataError
-from dsv2_jax.quant import calibrate
 from dsv2_jax.quant.__main__ import main as quant_main
-from dsv2_jax.quant.awq import dequantize_np
 from dsv2_jax.quant.quantizer import quantize_checkpoint
+from dsv2_jax.testing import add_activation_outliers, dense_demo_checkpoint
 from dsv2_jax.tokenizer import load_tokenizer
 from train.evaluate import evaluate, heldout_windows
 
@@ -26,55 +22,9 @@ CORPUS = "data/shakespeare.txt.gz"
 G = 64
 
 
-def dense_demo(folder):
-    """The demo model as a dense float32 checkpoint that is *not* on a 4-bit grid: each
-    dequantized weight plus uniform noise of one quantization step (what RTN would have
-    rounded away), so re-quantizing it costs what quantizing a trained model costs."""
-    src = demo_model_path()
-    t = load_file(str(src / "model.safetensors"))
-    rng = np.random.default_rng(0)
-    out = {}
-    for name, a in t.items():
-        if name.endswith((".qzeros", ".scales")):
-            continue
-        if name.endswith(".qweight"):
-            base = name[: -len(".qweight")]
-            s = t[base + ".scales"].astype(np.float32)
-            w = dequantize_np(a, t[base + ".qzeros"], s, G)  # [in, out]
-            w = w + rng.uniform(-0.5, 0.5, w.shape).astype(np.float32) * np.repeat(s, G, axis=0)
-            out[base + ".weight"] = np.ascontiguousarray(w.T)
-        else:
-            out[name] = a.astype(np.float32)
-    folder.mkdir(parents=True)
-    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("quantization_config")
-    cfg["torch_dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(cfg))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / f, folder / f)
-    return folder
-
-
-def add_outliers(folder, channels=(7, 70, 150, 222), factor=32.0):
-    """Scale hidden channels up in the normalised residual stream (the input and post-attention
-    norms' weights) and the weights that read them down, the router included: the float model
-    is unchanged, its linears now see activation outliers (as real LLMs' do)."""
-    t = load_file(str(folder / "model.safetensors"))
-    cfg = DeepseekV2Config.from_json(folder / "config.json")
-    s = np.ones(cfg.hidden_size, np.float32)
-    s[list(channels)] = 1.0 / factor
-    for layer in range(cfg.num_hidden_layers):
-        for g in calibrate.scale_groups(cfg, layer):
-            if g.prev in ("input_layernorm", "post_attention_layernorm"):
-                calibrate.fold_scale(t, layer, g, s)
-    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def outlier_model(tmp_path_factory):
-    return add_outliers(dense_demo(tmp_path_factory.mktemp("awq") / "dense"))
+    return add_activation_outliers(dense_demo_checkpoint(tmp_path_factory.mktemp("awq") / "dense"))
 
 
 CALIB = ["--calib", CORPUS, "--calib-samples", "16", "--calib-seq-len", "256",

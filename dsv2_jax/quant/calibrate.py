@@ -206,19 +206,20 @@ def _layer_out(graphdef, state, x, cos, sin, mask):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _quantized_state(graphdef, paths, group_size, bits, state, scales):
-    """The layer with the linears at ``paths`` replaced by ``Q(W·s)/s``."""
+def _quantized_weights(graphdef, paths, group_size, bits, state, scales):
+    """``Q(W·s)/s`` of the linears at ``paths`` (the rest of the layer is not copied)."""
     layer = nnx.merge(graphdef, state)
-    for path in paths:
-        lin = functools.reduce(getattr, path, layer)
-        lin.weight.set_value(search.scaled_fake_quantize(lin.weight[...], scales, group_size, bits))
-    return nnx.state(layer)
+    return tuple(search.scaled_fake_quantize(functools.reduce(getattr, p, layer).weight[...],
+                                             scales, group_size, bits) for p in paths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _block_error(graphdef, judged_on, state, x, ref, cos, sin, mask):
-    """Summed squared error of the attention or MLP block's output against ``ref``."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block_error(graphdef, judged_on, paths, state, weights, x, ref, cos, sin, mask):
+    """Summed squared error against ``ref`` of the attention or MLP block's output with the
+    linears at ``paths`` replaced by ``weights``."""
     layer = nnx.merge(graphdef, state)
+    for path, w in zip(paths, weights):
+        functools.reduce(getattr, path, layer).weight.set_value(w)
     if judged_on == "attention":
         out = layer.self_attn(x, cos, sin, mask)[0]
     else:
@@ -327,9 +328,9 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
             inp = acts[g.inputs]
 
             def loss(s, g=g, paths=paths, ref=ref, inp=inp):
-                qstate = _quantized_state(graphdef, paths, group_size, bits, state, s)
-                total = sum(float(_block_error(graphdef, g.judged_on, qstate, jnp.asarray(inp[sl]),
-                                               jnp.asarray(ref[sl]), c, si, m))
+                ws = _quantized_weights(graphdef, paths, group_size, bits, state, s)
+                total = sum(float(_block_error(graphdef, g.judged_on, paths, state, ws,
+                                               jnp.asarray(inp[sl]), jnp.asarray(ref[sl]), c, si, m))
                             for sl, c, si, m in chunks)
                 return total / ref.size
 
