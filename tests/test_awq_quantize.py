@@ -33,16 +33,14 @@ CALIB = ["--calib", CORPUS, "--calib-samples", "16", "--calib-seq-len", "256",
 
 @pytest.fixture(scope="module")
 def quantized(outlier_model, tmp_path_factory):
-    """The outlier model quantized by the CLI (AWQ, packed), and in dense form by RTN and by
-    the same AWQ search; calibrated on the demo's training text (its held-out tail left out)."""
+    """The outlier model quantized by the CLI (AWQ, calibrated on the demo's training text, its
+    held-out tail left out), and by RTN, packed and in dense form."""
     tmp = tmp_path_factory.mktemp("quantized")
     assert quant_main(["--model", str(outlier_model), "--out", str(tmp / "awq"), *CALIB]) == 0
-    calib = dict(calib=[CORPUS], calib_samples=16, calib_seq_len=256, calib_heldout_fraction=0.05)
+    rtn = {"method": "rtn", "progress": False}
     return {"awq": tmp / "awq",
-            "awq-dense": quantize_checkpoint(outlier_model, tmp / "awq-dense", G, dense_output=True,
-                                             progress=False, **calib),
-            "rtn-dense": quantize_checkpoint(outlier_model, tmp / "rtn-dense", G, method="rtn",
-                                             dense_output=True, progress=False)}
+            "rtn": quantize_checkpoint(outlier_model, tmp / "rtn", G, **rtn),
+            "rtn-dense": quantize_checkpoint(outlier_model, tmp / "rtn-dense", G, dense_output=True, **rtn)}
 
 
 def heldout_loss(folder, windows):
@@ -54,15 +52,15 @@ def test_awq_recovers_most_of_the_rtn_gap_with_activation_outliers(outlier_model
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         windows = heldout_windows(tok, f.read(), 0.05, 256, 16)  # the demo's held-out text
     base = heldout_loss(outlier_model, windows)
-    rtn = heldout_loss(quantized["rtn-dense"], windows)
-    awq = heldout_loss(quantized["awq-dense"], windows)
+    rtn = heldout_loss(quantized["rtn"], windows)
+    awq = heldout_loss(quantized["awq"], windows)
     print(f"\nheld-out loss, 4-bit g{G}: float {base:.4f}, RTN {rtn:.4f} (+{rtn - base:.4f}), "
           f"AWQ {awq:.4f} (+{awq - base:.4f})")
     assert rtn - base > 0.004  # the outliers hurt RTN (measured +0.0081)
     assert awq - base <= 0.5 * (rtn - base)  # AWQ recovers at least half of the gap (the paper's ratio)
 
 
-def test_awq_checkpoint_records_its_calibration_and_computes_its_dense_form(outlier_model, quantized):
+def test_awq_checkpoint_records_its_calibration(quantized):
     folder = quantized["awq"]
     q = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["version"]) == ("awq", 4, G, "gemm")
@@ -74,13 +72,15 @@ def test_awq_checkpoint_records_its_calibration_and_computes_its_dense_form(outl
     names = load_file(str(folder / "model.safetensors"))
     assert names["model.layers.1.mlp.experts.5.down_proj.qweight"].dtype == np.int32
     assert names["model.layers.1.mlp.gate.weight"].dtype == np.float16  # the router: not quantized
-    # The packed checkpoint computes what the dense form of the same search computes.
+
+
+def test_dense_output_is_what_the_packed_checkpoint_computes(outlier_model, quantized):
     ids = np.asarray([load_tokenizer(outlier_model).encode("ROMEO: What light", add_bos=True)])
-    packed = np.asarray(dsv2_jax.load(folder, dtype="float32")(ids))
-    dense = np.asarray(dsv2_jax.load(quantized["awq-dense"], dtype="float32")(ids))
+    packed = np.asarray(dsv2_jax.load(quantized["rtn"], dtype="float32")(ids))
+    dense = np.asarray(dsv2_jax.load(quantized["rtn-dense"], dtype="float32")(ids))
     err = np.abs(packed - dense).max()
     print(f"\npacked vs dense form: max |Δ logit| {err:.2e}")
-    assert err < 0.05  # fp16 storage of the unquantized tensors (norms, router, embeddings)
+    assert err < 1e-3  # fp16 storage of the unquantized tensors (here already fp16 values)
 
 
 def test_skipped_linears_stay_dense(outlier_model, tmp_path):
