@@ -107,7 +107,7 @@ def open_safetensors(path: Path, safe_open):
 
 
 def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None,
-         load_tokenizer: bool = True, mesh=None) -> DeepseekV2:
+         load_tokenizer: bool = True, mesh=None, adapter=None) -> DeepseekV2:
     """Load a DeepSeek-V2(-Lite) checkpoint from a folder or a hub repo id.
 
     ``dtype`` is the parameter dtype ("float32", "bfloat16", "float16" or a jnp dtype);
@@ -120,6 +120,9 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     experts its own devices hold and puts only its own shards on its devices, so a model
     larger than one device (or than one host's share) loads. In a multi-process run every
     process calls ``load`` with the same arguments.
+
+    ``adapter`` (a folder or hub repo id in Hugging Face PEFT's LoRA format) attaches that
+    adapter beside the base weights (``dsv2_jax.lora``; ``model.lora_config`` records it).
 
     Example::
 
@@ -239,6 +242,11 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
     for path, var in nnx.to_flat_state(state):
         var.set_value(values[path])
     model = nnx.merge(graphdef, state)
+    model.lora_config = None
+    if adapter is not None:
+        from .lora import load_adapter
+
+        model.lora_config = load_adapter(model, resolve_model_path(adapter))
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
         model.tokenizer = _load_tok(folder)

@@ -94,7 +94,8 @@ class Linear(nnx.Module):
     """y = x @ W with W stored [in, out] (hub checkpoints store [out, in]).
 
     With ``quant`` (a :class:`dsv2_jax.config.QuantConfig`) the weight is held as AWQ
-    ``qweight``/``qzeros``/``scales`` and dequantized per call by the AWQ kernels.
+    ``qweight``/``qzeros``/``scales`` and dequantized per call by the AWQ kernels. ``lora`` (set
+    by :func:`dsv2_jax.lora.add_lora`) is an adapter added to the output, over either storage.
     """
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
@@ -105,6 +106,7 @@ class Linear(nnx.Module):
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
         self.quantized = quant is not None
+        self.lora = nnx.data(None)  # a dsv2_jax.lora.LoRA adapter, when one is attached
         if quant is None:
             self.weight = nnx.Param(normal_init(rngs, (in_features, out_features), init_std, param_dtype))
         else:
@@ -124,13 +126,21 @@ class Linear(nnx.Module):
 
     def dense_weight(self, dtype, after=None) -> jax.Array:
         """The weight as a dense ``[in, out]`` array in ``dtype`` (AWQ: dequantized through
-        float32, tied to ``after`` as in :meth:`awq_weight`)."""
+        float32, tied to ``after`` as in :meth:`awq_weight`), its adapter's update included."""
         if self.quantized:
-            return dequantize(self.awq_weight(after=after), jnp.float32).astype(dtype)
-        return self.weight[...].astype(dtype)
+            w = dequantize(self.awq_weight(after=after), jnp.float32)
+        else:
+            w = self.weight[...]
+        if self.lora is not None:
+            return (w.astype(jnp.float32) + self.lora.delta()).astype(dtype)
+        return w.astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
+        y = self._base(x)
+        return y if self.lora is None else y + self.lora(x)
+
+    def _base(self, x: jax.Array) -> jax.Array:
         if self.quantized:
             return awq_linear(x, self.awq_weight(after=x)).astype(self.dtype)
         w = self.weight[...].astype(self.dtype)
