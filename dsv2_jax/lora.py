@@ -112,7 +112,7 @@ class LoRA(nnx.Module):
         return self.lora_a[...] @ self.lora_b[...] * self.scaling
 
 
-def _linears(model):
+def linears(model):
     """(hub module name, Linear) for every linear in the decoder layers."""
     from .layers import Linear
 
@@ -125,7 +125,7 @@ def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
     """Attach a fresh adapter to every targeted linear of ``model``; returns their hub names."""
     rngs = nnx.Rngs(seed)
     names = []
-    for name, lin in _linears(model):
+    for name, lin in linears(model):
         if cfg.applies_to(name):
             lin.lora = LoRA(lin.in_features, lin.out_features, cfg.rank, cfg.scaling, rngs=rngs)
             names.append(name)
@@ -137,7 +137,7 @@ def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
 
 def adapters(model) -> dict[str, LoRA]:
     """hub module name -> its adapter."""
-    return {name: lin.lora for name, lin in _linears(model) if lin.lora is not None}
+    return {name: lin.lora for name, lin in linears(model) if lin.lora is not None}
 
 
 # --------------------------------------------------------------------------- PEFT format
@@ -250,7 +250,7 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
 
 def merge(model) -> None:
     """Fold every adapter into its dense base weight and remove the adapters (in place)."""
-    for _, lin in _linears(model):
+    for _, lin in linears(model):
         if lin.lora is None:
             continue
         if lin.quantized:

@@ -3,6 +3,7 @@
     python -m infer.generate                                  # the bundled demo model
     python -m infer.generate --model deepseek-ai/DeepSeek-V2-Lite-Chat --chat
     python -m infer.generate --model ./my-model --prompt "ROMEO:" --temperature 0.8 --json
+    python -m infer.generate --model ./base --adapter ./my-lora-adapter --chat
 
 Text streams to stdout as it is generated (``--json``: one JSON object); everything else
 (prefill and decode tokens/s, messages, logs of native libraries such as Gloo's) goes to stderr.
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m infer.generate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="model folder or hub repo id (default: the bundled demo model)")
+    p.add_argument("--adapter", help="a LoRA adapter folder (Hugging Face PEFT format) for the model")
     p.add_argument("--prompt", default="ROMEO:", help="prompt text")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the chat template")
     p.add_argument("--system", help="system message for --chat / chat-formatted prompts")
@@ -111,7 +113,7 @@ def run(args, out) -> int:
         model_path = demo_model_path()
     else:
         model_path = args.model
-    model = dsv2_jax.load(model_path, dtype=args.dtype, mesh=mesh)
+    model = dsv2_jax.load(model_path, dtype=args.dtype, mesh=mesh, adapter=args.adapter)
     if mesh is not None and lead:
         layout = ", ".join(f"{k} {v}" for k, v in mesh.shape.items() if v > 1) or "one device"
         print(f"mesh: {layout} ({jax.device_count()} devices, {jax.process_count()} "

@@ -3,6 +3,8 @@
     python -m train.export runs/tiny-cpu --out exports/tiny              # float32, latest step
     python -m train.export runs/tiny-cpu --out exports/tiny --dtype bfloat16 --step 200
     python -m train.export runs/tiny-cpu --out exports/tiny-awq --awq --group-size 64
+    python -m train.export runs/demo-qlora --adapter exports/qlora-adapter   # a lora: run
+    python -m train.export runs/demo-qlora --merge --out exports/merged      # base + adapter
 
 The folder holds config.json, safetensors with hub tensor names and the run's tokenizer files;
 ``dsv2_jax.load`` and transformers' ``DeepseekV2ForCausalLM`` read it. ``--awq`` exports the dense
@@ -40,6 +42,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, dtype: str | No
     cfg = DeepseekV2Config.from_dict(json.loads((run_dir / RUN_MODEL_CONFIG).read_text()),
                                      source=str(run_dir / RUN_MODEL_CONFIG))
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if run_cfg.get("lora"):
+        return _load_lora_run(run_dir, run_cfg, step, dtype)
     prec = run_cfg.get("precision", {})
     param_dtype = prec.get("param_dtype", "float32")
     abstract = nnx.eval_shape(lambda: DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
@@ -61,6 +65,33 @@ def load_run_model(run_dir: str | Path, step: int | None = None, dtype: str | No
     return model, step, tok
 
 
+def _load_lora_run(run_dir: Path, run_cfg: dict, step: int | None, dtype: str | None):
+    """A lora: run's base (model.init_from in ``dtype``, default the run's compute dtype; AWQ
+    stays packed) with the adapters of its checkpoint. Returns (model, step, tokenizer);
+    ``model.lora_config`` is set."""
+    from flax import nnx
+
+    import dsv2_jax
+    from dsv2_jax.lora import LoRAParam, add_lora
+    from dsv2_jax.tokenizer import load_tokenizer
+    from dsv2_jax.training.build import TOKENIZER_DIR
+    from dsv2_jax.training.config import from_dict, lora_config
+    from dsv2_jax.training.run_checkpoint import restore_params
+
+    cfg = from_dict(run_cfg)
+    model = dsv2_jax.load(cfg.model.init_from, dtype=dtype or cfg.precision.compute_dtype,
+                          load_tokenizer=False)
+    model.lora_config = lora_config(cfg)
+    model.base_model = str(cfg.model.init_from)
+    add_lora(model, model.lora_config)
+    graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
+    adapters, step = restore_params(run_dir / "checkpoints", adapters, step)
+    model = nnx.merge(graphdef, adapters, rest)
+    tok_dir = run_dir / TOKENIZER_DIR
+    tok = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
+    return model, step, tok
+
+
 def run_calibration(run_dir: Path):
     """The run's training files and held-out fraction, from its config.yaml (paths as the run
     resolved them, relative to the directory it ran in)."""
@@ -76,11 +107,34 @@ def run_calibration(run_dir: Path):
 
 
 def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, awq: bool = False,
-           group_size: int = 64, method: str = "awq", calib=None) -> Path:
+           group_size: int = 64, method: str = "awq", calib=None, adapter: bool = False,
+           merge: bool = False) -> Path:
+    """Write the run's model to ``out``. A lora: run needs ``adapter`` (a PEFT folder of the
+    adapters alone) or ``merge`` (the adapters folded into a dense copy of the base, then
+    written like any run: dense, or ``awq``)."""
     import dsv2_jax
 
     model, step, tok = load_run_model(run_dir, step, dtype)
     out = Path(out)
+    lora_cfg = getattr(model, "lora_config", None)
+    if (adapter or merge) and lora_cfg is None:
+        raise ValueError(f"{run_dir}: --adapter / --merge need a run with a lora: section")
+    if adapter:
+        from dsv2_jax.lora import save_adapter
+
+        save_adapter(model, out, lora_cfg, base_model=model.base_model)
+        return out
+    if lora_cfg is not None:
+        if not merge:
+            raise ValueError(f"{run_dir}: a lora: run exports with --adapter OUT (the PEFT "
+                             "adapter) or --merge (base + adapter in one checkpoint)")
+        from dsv2_jax.lora import merge as merge_adapters
+
+        if any(lin.quantized for _, lin in _adapted(model)):
+            raise ValueError(f"{run_dir}: the base {model.base_model} is AWQ-packed; an adapter "
+                             "cannot be merged into packed weights. Merge into the dense model "
+                             "it came from, or export --adapter")
+        merge_adapters(model)
     if not awq:
         dsv2_jax.save(model, out, tokenizer=tok)
         return out
@@ -106,11 +160,20 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
     return out
 
 
+def _adapted(model):
+    from dsv2_jax.lora import linears
+
+    return [(n, lin) for n, lin in linears(model) if lin.lora is not None]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", help="output folder (written atomically)")
+    p.add_argument("--adapter", metavar="OUT", help="a lora: run's adapters as a PEFT folder")
+    p.add_argument("--merge", action="store_true",
+                   help="a lora: run: fold the adapters into the base and write the whole model")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="tensor dtype (default: the run's param_dtype)")
@@ -121,11 +184,14 @@ def main(argv=None) -> int:
     p.add_argument("--calib", nargs="+", metavar="FILE",
                    help="with --awq: calibration text (default: the run's training text)")
     args = p.parse_args(argv)
+    if bool(args.out) == bool(args.adapter):
+        p.error("give exactly one of --out FOLDER and --adapter FOLDER")
     from dsv2_jax.errors import Dsv2Error
 
     try:
-        out = export(args.run_dir, args.out, step=args.step, dtype=args.dtype, awq=args.awq,
-                     group_size=args.group_size, method=args.method, calib=args.calib)
+        out = export(args.run_dir, args.out or args.adapter, step=args.step, dtype=args.dtype,
+                     awq=args.awq, group_size=args.group_size, method=args.method,
+                     calib=args.calib, adapter=bool(args.adapter), merge=args.merge)
     except (FileNotFoundError, Dsv2Error, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

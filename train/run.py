@@ -50,7 +50,7 @@ from dsv2_jax.training.config import (
     mesh_sizes,
 )
 
-RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision")
+RESUME_MUST_MATCH = ("model", "data", "batch", "seed", "precision", "lora")
 
 
 class Diverged(RuntimeError):
@@ -169,7 +169,11 @@ def make_training(cfg: TrainConfig, model, mesh) -> Training:
                            decay_points=s.decay_points, decay_factor=s.decay_factor)
     tx = make_optimizer(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                         clip_norm=o.clip_norm, eps=o.eps)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    from dsv2_jax.lora import LoRAParam
+
+    # A lora: run trains the adapters alone; the base (nnx.Param, or AWQ-packed) stays in rest.
+    trainable = nnx.Param if cfg.lora is None else LoRAParam
+    graphdef, params, rest = nnx.split(model, trainable, ...)
     param_sh = sharding.tree_shardings(params, mesh)
     params = _place(params, param_sh)
     rest = _place(rest, sharding.tree_shardings(rest, mesh))
@@ -327,9 +331,16 @@ def _train(cfg: TrainConfig, resume: bool, signals: _Signals) -> dict[str, Any]:
 
     # ---- build, restore, compile ----
     total = cfg.total_steps
-    init = None if has_ckpt else init_folder  # a resumed run's weights come from its checkpoint
+    # A resumed run's weights come from its checkpoint; a lora: run's frozen base from init_from.
+    init = None if has_ckpt and cfg.lora is None else init_folder
     model = build.build_model(cfg, model_cfg, init, mesh=mesh)
     t = make_training(cfg, model, mesh)
+    if cfg.lora is not None:
+        from dsv2_jax.lora import adapters
+
+        n = sum(x.size for x in jax.tree.leaves(t.state.params))
+        say(f"lora: {len(adapters(model))} adapters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}), "
+            f"{n:,} trainable parameters; the base is frozen")
     del model
     ckpts = RunCheckpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     state = t.state

@@ -15,7 +15,7 @@ from flax import nnx
 
 from .. import sharding
 from ..config import DeepseekV2Config, RopeScaling
-from ..errors import ConfigError, HubError
+from ..errors import CheckpointError, ConfigError, HubError
 from ..hub import resolve_model_path
 from ..hub_format import load
 from ..model import DeepseekV2
@@ -94,9 +94,10 @@ def model_config(cfg: TrainConfig):
         base = DeepseekV2Config.from_dict(d, source=str(folder))
     except ConfigError as e:
         raise ConfigError(f"model.init_from: {e}") from None
-    if base.quantization is not None:
+    if base.quantization is not None and cfg.lora is None:
         raise bad_value("model.init_from", m.init_from,
-                   "is an AWQ-quantized checkpoint; training needs dense weights")
+                   "is an AWQ-quantized checkpoint; full training needs dense weights (a lora: "
+                   "section trains adapters beside the packed weights: QLoRA)")
     try:
         return base.replace(**m.overrides), folder
     except ConfigError as e:
@@ -177,6 +178,8 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
         if mesh is None:
             return fresh(cfg.seed)
         return sharding.create_sharded(lambda: fresh(cfg.seed), mesh)
+    if cfg.lora is not None:
+        return _lora_model(cfg, init_folder, mesh)
     if is_run_dir(init_folder):
         model = nnx.eval_shape(lambda: fresh(0))
         graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
@@ -190,4 +193,30 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
                           load_tokenizer=False, mesh=mesh)
     model.config = model_cfg  # aux_loss_alpha / seq_aux overrides; shapes are unchanged
     del model.tokenizer
+    return model
+
+
+def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
+    """The frozen base (compute dtype, or AWQ-packed as stored) with float32 adapters."""
+    from ..lora import add_lora, load_adapter
+    from .config import lora_config
+
+    if is_run_dir(init_folder):
+        raise bad_value("model.init_from", cfg.model.init_from,
+                        "is a run directory; a lora: run adapts a Hugging Face folder (export "
+                        "the run first: python -m train.export)")
+    model = load(init_folder, dtype=cfg.precision.compute_dtype, load_tokenizer=False, mesh=mesh)
+    del model.tokenizer
+    want = lora_config(cfg)
+    if cfg.lora.init_from is None:
+        add_lora(model, want, seed=cfg.seed)
+        return model
+    try:
+        got = load_adapter(model, resolve_model_path(cfg.lora.init_from))
+    except (HubError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
+        raise ConfigError(f"lora.init_from: {e}") from None
+    for key in ("rank", "alpha", "use_rslora", "target_modules", "layers"):
+        a, b = getattr(got, key), getattr(want, key)
+        if (sorted(a) if key == "target_modules" else a) != (sorted(b) if key == "target_modules" else b):
+            raise bad_value(f"lora.{key}", b, f"the adapter in lora.init_from has {a!r}")
     return model

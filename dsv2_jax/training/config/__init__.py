@@ -26,6 +26,7 @@ from .schema import (  # noqa: I001
     DebugSection,
     EvalSection,
     LoggingSection,
+    LoraSection,
     MeshSection,
     ModelSection,
     OptimizerSection,
@@ -35,12 +36,12 @@ from .schema import (  # noqa: I001
     TrainConfig,
     bad_value,
 )
-from .validate import check_data_axis, mesh_sizes, validate
+from .validate import check_data_axis, lora_config, mesh_sizes, validate
 
 __all__ = [
     "DATA_FORMATS", "DTYPES", "PRESETS", "REMAT_POLICIES", "BatchSection", "CheckpointSection",
-    "ConfigError", "DataSection", "DebugSection", "EvalSection", "LoggingSection", "MeshSection",
+    "ConfigError", "DataSection", "DebugSection", "EvalSection", "LoggingSection", "LoraSection", "MeshSection",
     "ModelSection", "OptimizerSection", "PrecisionSection", "RematSection", "ScheduleSection",
     "TrainConfig", "apply_overrides", "bad_value", "check_data_axis", "from_dict", "load_config",
-    "mesh_sizes", "resolve_paths", "validate",
+    "lora_config", "mesh_sizes", "resolve_paths", "validate",
 ]

@@ -161,7 +161,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 # (section, key) of the keys that hold paths. The second set may also hold a hub repo id or a
 # keyword ("bytes"): their values are paths when they start with "." or name an existing path.
 _PATH_KEYS = (("", "run_dir"), ("data", "train"), ("model", "config_json"))
-_PATH_OR_NAME_KEYS = (("data", "tokenizer"), ("model", "init_from"))
+_PATH_OR_NAME_KEYS = (("data", "tokenizer"), ("model", "init_from"), ("lora", "init_from"))
 
 
 def resolve_paths(raw: dict, base: str | Path) -> dict:

@@ -153,6 +153,22 @@ class DebugSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA / QLoRA (``dsv2_jax.lora``): train adapters only. The ``model.init_from`` base is
+    loaded frozen in ``precision.compute_dtype`` (or kept packed when it is an AWQ checkpoint:
+    QLoRA); the adapters are float32 and alone get gradients and AdamW state. ``init_from``
+    starts from an existing PEFT adapter folder (its r, alpha and targets must match these)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] = ("q_proj", "kv_b_proj", "o_proj")
+    layers: tuple[int, ...] | None = None  # null: every layer
+    init_from: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str
     seed: int = 0
@@ -168,6 +184,7 @@ class TrainConfig:
     eval: EvalSection = EvalSection()
     logging: LoggingSection = LoggingSection()
     debug: DebugSection = DebugSection()
+    lora: LoraSection | None = None  # absent: full fine-tuning / pre-training
 
     @property
     def tokens_per_step(self) -> int:

@@ -33,6 +33,11 @@ def validate(cfg: TrainConfig) -> None:
                        "cannot change the architecture of an init_from checkpoint "
                        "(only aux_loss_alpha and seq_aux may be overridden)")
 
+    if cfg.lora is not None:
+        if m.init_from is None:
+            raise ConfigError("lora: needs model.init_from, the base model the adapters train on")
+        lora_config(cfg)  # every lora.* value checked, errors naming the key
+
     d = cfg.data
     if not d.train:
         raise ConfigError("data.train: required (a list of .txt / .jsonl paths or globs)")
@@ -168,3 +173,13 @@ def check_data_axis(cfg: TrainConfig, data_axis: int) -> None:
         raise bad_value("batch.global_batch", b.global_batch,
                    f"not divisible by batch.micro_batch × devices "
                    f"({b.micro_batch} × {data_axis} = {b.micro_batch * data_axis})")
+
+
+def lora_config(cfg: TrainConfig):
+    """The ``dsv2_jax.lora.LoRAConfig`` of the ``lora:`` section."""
+    from ...lora import LoRAConfig
+
+    section = cfg.lora
+    return LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                      use_rslora=section.use_rslora, target_modules=section.target_modules,
+                      layers=section.layers)
