@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=0, help="held-out windows of 256 (0: all)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--no-clip", action="store_true", help="AWQ without the clip search")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
                "float32": loss(model), "bf16": loss(model, "bfloat16"), "runs": []}
     print(f"held-out {results['heldout_tokens']} tokens: float32 {results['float32']:.4f}, "
           f"bf16 {results['bf16']:.4f}")
-    calib = {"calib": [CORPUS], "calib_samples": args.calib_samples,
+    calib = {"calib": [CORPUS], "calib_samples": args.calib_samples, "clip": not args.no_clip,
              "calib_seq_len": args.calib_seq_len, "calib_heldout_fraction": 0.05}
     for bits in args.bits:
         for g in args.group_sizes:

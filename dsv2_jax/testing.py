@@ -131,10 +131,12 @@ def dense_demo_checkpoint(folder, seed: int = 0) -> Path:
     return folder
 
 
-def add_activation_outliers(folder, channels=(7, 70, 150, 222), factor: float = 32.0) -> Path:
-    """Scale hidden channels up in the normalised residual stream (the input and post-attention
-    norms' weights) and the weights that read them down, the router included: the float model
-    is unchanged, its linears now see activation outliers (as real LLMs' do)."""
+def add_activation_outliers(folder, n_channels: int = 4, factor: float = 32.0) -> Path:
+    """Scale ``n_channels`` hidden channels up ×``factor`` in the normalised residual stream
+    (the input and post-attention norms' weights) and the weights that read them down, the
+    router included: the float model is unchanged, its linears now see activation outliers, as
+    real LLMs' do. The channels are the salient ones, as in LLMs: those whose norm weights are
+    largest (summed over the layers' input and post-attention norms)."""
     from safetensors.numpy import load_file, save_file
 
     from .config import DeepseekV2Config
@@ -143,8 +145,11 @@ def add_activation_outliers(folder, channels=(7, 70, 150, 222), factor: float = 
     folder = Path(folder)
     t = load_file(str(folder / "model.safetensors"))
     cfg = DeepseekV2Config.from_json(folder / "config.json")
+    weight = sum(np.abs(t[f"model.layers.{i}.{n}.weight"]).astype(np.float64)
+                 for i in range(cfg.num_hidden_layers)
+                 for n in ("input_layernorm", "post_attention_layernorm"))
     s = np.ones(cfg.hidden_size, np.float32)
-    s[list(channels)] = 1.0 / factor
+    s[np.argsort(weight)[-n_channels:]] = 1.0 / factor
     for layer in range(cfg.num_hidden_layers):
         for g in calibrate.scale_groups(cfg, layer):
             if g.prev in ("input_layernorm", "post_attention_layernorm"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -16,7 +18,7 @@ from dsv2_jax.quant.__main__ import main as quant_main
 from dsv2_jax.quant.quantizer import quantize_checkpoint
 from dsv2_jax.testing import add_activation_outliers, dense_demo_checkpoint
 from dsv2_jax.tokenizer import load_tokenizer
-from train.evaluate import evaluate, heldout_windows
+from train.evaluate import heldout_windows
 
 CORPUS = "data/shakespeare.txt.gz"
 G = 64
@@ -43,21 +45,38 @@ def quantized(outlier_model, tmp_path_factory):
             "rtn-dense": quantize_checkpoint(outlier_model, tmp / "rtn-dense", G, dense_output=True, **rtn)}
 
 
-def heldout_loss(folder, windows):
-    return evaluate(dsv2_jax.load(folder, dtype="float32"), windows, batch=8)["loss"]
+def heldout_log_probs(folder, windows):
+    model = dsv2_jax.load(folder, dtype="float32")
+    return np.concatenate([np.asarray(jax.nn.log_softmax(model(jnp.asarray(windows[i:i + 8, :-1])), -1))
+                           for i in range(0, len(windows), 8)])
 
 
-def test_awq_recovers_most_of_the_rtn_gap_with_activation_outliers(outlier_model, quantized):
+def test_awq_is_much_closer_to_the_float_model_than_rtn(outlier_model, quantized):
+    """On held-out text: the KL divergence of the quantized model's next-token distribution
+    from the float model's (what quantization error does to the output), and the loss.
+
+    On these 4,096 tokens the loss gap is within noise (measured: RTN +0.0049, AWQ +0.0052);
+    the KL is not. The held-out loss on all 78,336 held-out tokens of the dense demo, where
+    AWQ recovers 71% of RTN's loss gap at 4-bit g64, is bench/awq_quality.py's
+    (docs/figures.md#awq-quantizer)."""
     tok = load_tokenizer(outlier_model)
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         windows = heldout_windows(tok, f.read(), 0.05, 256, 16)  # the demo's held-out text
-    base = heldout_loss(outlier_model, windows)
-    rtn = heldout_loss(quantized["rtn"], windows)
-    awq = heldout_loss(quantized["awq"], windows)
-    print(f"\nheld-out loss, 4-bit g{G}: float {base:.4f}, RTN {rtn:.4f} (+{rtn - base:.4f}), "
-          f"AWQ {awq:.4f} (+{awq - base:.4f})")
-    assert rtn - base > 0.004  # the outliers hurt RTN (measured +0.0081)
-    assert awq - base <= 0.5 * (rtn - base)  # AWQ recovers at least half of the gap (the paper's ratio)
+    ref = heldout_log_probs(outlier_model, windows)
+    targets = windows[:, 1:, None]
+
+    def kl_and_gap(folder):
+        lp = heldout_log_probs(folder, windows)
+        kl = float(np.mean(np.sum(np.exp(ref) * (ref - lp), -1)))
+        gap = float(np.mean(np.take_along_axis(ref - lp, targets, -1)))
+        return kl, gap
+
+    (kl_rtn, gap_rtn), (kl_awq, gap_awq) = kl_and_gap(quantized["rtn"]), kl_and_gap(quantized["awq"])
+    print(f"\nheld-out, 4-bit g{G}: KL from float: RTN {kl_rtn:.4f}, AWQ {kl_awq:.4f}; loss vs "
+          f"float: RTN {gap_rtn:+.4f}, AWQ {gap_awq:+.4f}")
+    assert kl_rtn > 0.005  # the outliers hurt RTN (measured 0.0101)
+    assert kl_awq <= 0.5 * kl_rtn  # measured 0.0029: AWQ removes 71% of the divergence
+    assert abs(gap_awq) < 0.02
 
 
 def test_awq_checkpoint_records_its_calibration(quantized):

@@ -154,7 +154,8 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
                 kwargs = {"calib": files, "calib_heldout_fraction": heldout,
                           "calib_seq_len": min(seq_len, 512)}
         dense = dsv2_jax.save(model, tmp / "dense", tokenizer=tok)
-        quantize_checkpoint(dense, out, group_size=group_size, method=method, **kwargs)
+        quantize_checkpoint(dense, out, group_size=group_size, method=method,
+                            source_name=f"{Path(run_dir).name} step {step}", **kwargs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -131,7 +131,8 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
                         calib_samples: int = 128, calib_seq_len: int = 512,
                         calib_heldout_fraction: float = 0.0, clip: bool = True, bits: int = 4,
                         skip: tuple[str, ...] = (), dense_output: bool = False,
-                        max_shard_bytes: int = 4 << 30, progress: bool = True) -> Path:
+                        max_shard_bytes: int = 4 << 30, progress: bool = True,
+                        source_name: str | None = None) -> Path:
     """Quantize the dense hub checkpoint at ``src`` (folder or repo id) into ``out``, atomically.
 
     ``method`` "awq" needs calibration text: ``calib`` (text / JSONL files) tokenized with the
@@ -140,7 +141,8 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
     demo model has a default (its training corpus). ``skip``: linears whose name holds one of
     these strings stay dense (``modules_to_not_convert``). ``dense_output`` writes the dequantized
     weights as a dense float32 checkpoint instead of the packed format (any ``bits``): for
-    measuring what a quantization does.
+    measuring what a quantization does. ``source_name`` names the source in the model card
+    (default: the folder's name).
     """
     if method not in METHODS:
         raise ValueError(f"method = {method!r}: expected one of {METHODS}")
@@ -246,22 +248,22 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
                                         "dsv2_jax": record}
             d["torch_dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(d, indent=2))
-        (tmp / "README.md").write_text(_model_card(src, record))
+        (tmp / "README.md").write_text(_model_card(source_name or src.name, record))
         for fn in _TOKENIZER_FILES:
             if (src / fn).exists():
                 shutil.copy(src / fn, tmp / fn)
     return out
 
 
-def _model_card(src: Path, record: dict) -> str:
+def _model_card(name: str, record: dict) -> str:
     how = ("AWQ (activation-aware scale search + clip search, dsv2-jax)" if record["method"] == "awq"
            else "round-to-nearest (RTN, dsv2-jax)")
-    line = f"{record['bits']}-bit, group {record['group_size']}, quantized from `{src.name}` with {how}"
+    line = f"{record['bits']}-bit, group {record['group_size']}, quantized from `{name}` with {how}"
     cal = record.get("calibration")
     if cal:
         line += (f", calibrated on {cal['samples']} × {cal['seq_len']} tokens of "
                  f"{', '.join(cal['files'])}")
-    return f"# {src.name} quantized\n\n{line}.\n"
+    return f"# {name}, quantized\n\n{line}.\n"
 
 
 def quantize(model_or_path, out, group_size: int = 64, **kwargs) -> Path:
