@@ -159,6 +159,7 @@ def test_qlora_on_the_awq_demo_starts_exact_and_learns(tmp_path):
     raw["schedule"]["total_steps"] = 12
     raw["logging"] = {"every": 1, "progress": False, "tensorboard": False}
     raw["eval"] = {"every": 0}
+    raw["remat"] = {"policy": "full"}  # remat over a frozen base (jax.checkpoint, not nnx.remat)
     (tmp_path / "qlora.yaml").write_text(yaml.safe_dump(raw))
     assert run.main(["--config", str(tmp_path / "qlora.yaml")]) == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -69,7 +69,18 @@ def train_forward(model, input_ids, positions, mask, remat: str = "none") -> Mod
         return y, routing
 
     if remat != "none":
-        layer_fn = nnx.remat(layer_fn, policy=policy)
+        plain = layer_fn
+
+        def layer_fn(layer, x, cos, sin, mask):
+            # jax.checkpoint over the layer's state as an explicit argument: nnx.remat would
+            # write back into the layer's variables, which it refuses for variables created
+            # outside its trace (a LoRA run's frozen base)
+            graphdef, state = nnx.split(layer)
+
+            def pure(state, x, cos, sin, mask):
+                return plain(nnx.merge(graphdef, state), x, cos, sin, mask)
+
+            return jax.checkpoint(pure, policy=policy)(state, x, cos, sin, mask)
     cos, sin = cos_sin(model.config, positions)
     x = model.embed_tokens(input_ids)
     routings = []
