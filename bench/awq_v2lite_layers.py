@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     p.add_argument("--one", nargs=2, type=int, metavar=("LAYER", "SAMPLES"), help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         print(json.dumps(one(*args.one, args.seq_len, args.group_size)))
         return 0
     rows = []
-    for layer in (0, 1):
+    for layer in args.layers:
         for n in args.samples:
             out = subprocess.run([sys.executable, __file__, "--one", str(layer), str(n),
                                   "--seq-len", str(args.seq_len), "--group-size", str(args.group_size)],
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             print(f"layer {layer} ({'dense' if layer == 0 else 'MoE'}), {n} × {args.seq_len} tokens: "
                   f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
     fits = {}
-    for layer in (0, 1):
+    for layer in args.layers:
         pts = [r for r in rows if r["layer"] == layer]
         lo, hi = min(pts, key=lambda r: r["samples"]), max(pts, key=lambda r: r["samples"])
         span = hi["samples"] - lo["samples"]
@@ -103,15 +104,15 @@ def main(argv=None) -> int:
             b = (hi[key] - lo[key]) / span if span else 0.0
             fit[key] = (lo[key] - b * lo["samples"], b)
         fits[layer] = fit
-    est = {}
-    for key in ("seconds", "peak_rss_gib"):
-        per = {layer: fits[layer][key][0] + 128 * fits[layer][key][1] for layer in (0, 1)}
-        est[key] = per
-    total_h = (est["seconds"][0] + 26 * est["seconds"][1]) / 3600
-    print(f"\nextrapolated to 128 × {args.seq_len} calibration tokens: layer 0 "
-          f"{est['seconds'][0] / 60:.1f} min, each MoE layer {est['seconds'][1] / 60:.1f} min; "
-          f"whole model (1 + 26 layers) {total_h:.1f} h on this machine; peak RSS "
-          f"{max(est['peak_rss_gib'].values()):.1f} GiB (the MoE layer)")
+    est = {key: {layer: fits[layer][key][0] + 128 * fits[layer][key][1] for layer in args.layers}
+           for key in ("seconds", "peak_rss_gib")}
+    for layer in args.layers:
+        print(f"\nextrapolated to 128 × {args.seq_len} calibration tokens, layer {layer}: "
+              f"{est['seconds'][layer] / 60:.1f} min, peak RSS {est['peak_rss_gib'][layer]:.1f} GiB")
+    total_h = None
+    if set(args.layers) == {0, 1}:
+        total_h = (est["seconds"][0] + 26 * est["seconds"][1]) / 3600
+        print(f"whole model (layer 0 + 26 MoE layers): {total_h:.1f} h on this machine")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "estimate_128": est,
                                                "whole_model_hours": total_h}, indent=2))

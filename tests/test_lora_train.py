@@ -9,27 +9,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import yaml
 from flax import nnx
+from hf_ref import load_hf
+from test_lora import randomize
+from tiny import LITE, write_checkpoint
 
 import dsv2_jax
 from dsv2_jax.demo import demo_model_path
-from dsv2_jax.lora import LoRAConfig, LoRAParam, add_lora, adapters, save_adapter
+from dsv2_jax.lora import LoRAConfig, LoRAParam, adapters, add_lora, save_adapter
 from dsv2_jax.training.losses import cross_entropy
-from hf_ref import load_hf
-from tiny import LITE, write_checkpoint
 
 TARGETS = ("q_proj", "kv_b_proj", "o_proj")
 IDS = np.random.default_rng(0).integers(2, 250, (2, 12))
-
-
-def randomize(model, seed=1):
-    rng = np.random.default_rng(seed)
-    for lora in adapters(model).values():
-        for var in (lora.lora_a, lora.lora_b):
-            var.set_value(jnp.asarray(rng.normal(0, 0.1, var[...].shape), jnp.float32))
 
 
 def our_grads(model):
@@ -124,6 +117,8 @@ def test_one_step_is_adamw_on_the_adapters_alone(tmp_path):
 
     grads = jax.tree.map(np.asarray, jax.grad(loss)(jax.tree.map(jnp.asarray, before)))
     state, metrics = t.step_fn(t.state, mb)
+    assert float(metrics["grad_norm"]) == pytest.approx(
+        np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in jax.tree.leaves(grads))), rel=1e-4)
     lr, wd, eps = 1e-2, cfg.optimizer.weight_decay, cfg.optimizer.eps
     checked = 0
     for p0, g, p1 in zip(jax.tree.leaves(before), jax.tree.leaves(grads),

@@ -41,7 +41,7 @@ def fake_quantize(w: jax.Array, group_size: int, bits: int = 4) -> jax.Array:
     """Quantize and dequantize ``w [..., in, out]`` per group of ``group_size`` input rows and
     per output column: asymmetric round-to-nearest to ``bits`` bits, float32 result.
 
-    For ``bits = 4`` this is ``dequantize(quantize_rtn(w))`` (docs/awq.md#the-rtn-quantizer).
+    For ``bits = 4`` this is ``dequantize(quantize_rtn(w))`` (docs/awq.md#the-awq-quantizer).
     """
     w = jnp.asarray(w, jnp.float32)
     *lead, n_in, n_out = w.shape
