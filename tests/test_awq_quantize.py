@@ -55,13 +55,13 @@ def test_awq_is_much_closer_to_the_float_model_than_rtn(outlier_model, quantized
     """On held-out text: the KL divergence of the quantized model's next-token distribution
     from the float model's (what quantization error does to the output), and the loss.
 
-    On these 4,096 tokens the loss gap is within noise (measured: RTN +0.0049, AWQ +0.0052);
-    the KL is not. The held-out loss on all 78,336 held-out tokens of the dense demo, where
+    On these 2,048 tokens the loss gap is noise (measured: RTN +0.0032, AWQ +0.0068; on 4,096:
+    +0.0049, +0.0052); the KL is not. The held-out loss on all 78,336 held-out tokens of the dense demo, where
     AWQ recovers 71% of RTN's loss gap at 4-bit g64, is bench/awq_quality.py's
     (docs/figures.md#awq-quantizer)."""
     tok = load_tokenizer(outlier_model)
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        windows = heldout_windows(tok, f.read(), 0.05, 256, 16)  # the demo's held-out text
+        windows = heldout_windows(tok, f.read(), 0.05, 256, 8)  # the demo's held-out text
     ref = heldout_log_probs(outlier_model, windows)
     targets = windows[:, 1:, None]
 
@@ -74,8 +74,8 @@ def test_awq_is_much_closer_to_the_float_model_than_rtn(outlier_model, quantized
     (kl_rtn, gap_rtn), (kl_awq, gap_awq) = kl_and_gap(quantized["rtn"]), kl_and_gap(quantized["awq"])
     print(f"\nheld-out, 4-bit g{G}: KL from float: RTN {kl_rtn:.4f}, AWQ {kl_awq:.4f}; loss vs "
           f"float: RTN {gap_rtn:+.4f}, AWQ {gap_awq:+.4f}")
-    assert kl_rtn > 0.005  # the outliers hurt RTN (measured 0.0101)
-    assert kl_awq <= 0.5 * kl_rtn  # measured 0.0029: AWQ removes 71% of the divergence
+    assert kl_rtn > 0.005  # the outliers hurt RTN (measured 0.0097)
+    assert kl_awq <= 0.5 * kl_rtn  # measured 0.0028: AWQ removes 71% of the divergence
     assert abs(gap_awq) < 0.02
 
 

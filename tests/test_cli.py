@@ -94,7 +94,8 @@ def test_ctrl_c_stops_a_reply_not_the_chat():
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "infer.generate", "--chat", "--max-new-tokens", "300",
+    # 1,000 tokens (~4 s at the demo's speed): long enough that the signal lands mid-reply
+    p = subprocess.Popen([sys.executable, "-m", "infer.generate", "--chat", "--max-new-tokens", "1000",
                           "--ignore-eos"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     p.stdin.write("ROMEO:\n")

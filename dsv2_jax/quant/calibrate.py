@@ -237,10 +237,10 @@ def _linear_error(group_size, bits, w, scales, x, valid):
     return jnp.sum(jnp.where(valid[:, None], err ** 2, 0.0)) / (jnp.maximum(valid.sum(), 1) * w.shape[1])
 
 
-def _padded(x: np.ndarray):
-    """Rows padded to a power of two (one compile serves many experts) and the valid mask."""
+def _padded(x: np.ndarray, rows: int):
+    """``x`` padded to ``rows`` rows (one compile serves many experts) and the valid mask."""
     n = x.shape[0]
-    pad = 1 << max(n - 1, 0).bit_length()
+    pad = max(rows, n)
     xp = np.zeros((pad, x.shape[1]), np.float32)
     xp[:n] = x
     return jnp.asarray(xp), jnp.asarray(np.arange(pad) < n)
@@ -308,6 +308,10 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
 
     # 1. every group's scale, searched on the float layer
     groups = [g for g in (without(g, layer, skip) for g in scale_groups(cfg, layer)) if g]
+    # The per-expert down_proj searches share one padded row count: one compile per layer.
+    expert_rows = max([len(t) for t in expert_tokens.values()] + [1])
+    expert_rows = 1 << (expert_rows - 1).bit_length()
+    expert_tokens_down = {f"{m}.down_proj" for m in expert_tokens}
     found = []
     for g in groups:
         xin = flat[g.inputs]
@@ -319,7 +323,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
         w_mean = search.weight_mean(ws, group_size)
         if g.judged_on == "linear":
             w = jnp.asarray(ws[0])
-            xs, valid = _padded(xin)
+            xs, valid = _padded(xin, expert_rows if g.inputs in expert_tokens_down else 0)
             result = search.search_scale(
                 x_mean, w_mean, lambda s, w=w, xs=xs, valid=valid: _linear_error(group_size, bits, w, s, xs, valid))
         else:

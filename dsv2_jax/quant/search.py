@@ -26,6 +26,7 @@ are written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -37,6 +38,7 @@ MAX_SHRINK = 0.5  # clip candidates shrink the max by up to (not including) half
 CLIP_TOKENS = 512  # calibration tokens the clip search subsamples to (AutoAWQ's n_sample_token)
 
 
+@functools.partial(jax.jit, static_argnames=("group_size", "bits"))
 def fake_quantize(w: jax.Array, group_size: int, bits: int = 4) -> jax.Array:
     """Quantize and dequantize ``w [..., in, out]`` per group of ``group_size`` input rows and
     per output column: asymmetric round-to-nearest to ``bits`` bits, float32 result.
@@ -67,27 +69,28 @@ def scaled_fake_quantize(w: jax.Array, scales: jax.Array, group_size: int, bits:
     return fake_quantize(w * s, group_size, bits) / s
 
 
-def activation_mean(x: jax.Array) -> jax.Array:
-    """Mean ``|x|`` per input channel over every token: ``x [..., in]`` -> ``[in]`` float32."""
-    x = jnp.asarray(x, jnp.float32)
-    return jnp.mean(jnp.abs(x.reshape(-1, x.shape[-1])), axis=0)
+def activation_mean(x) -> np.ndarray:
+    """Mean ``|x|`` per input channel over every token: ``x [..., in]`` -> ``[in]`` float32
+    (NumPy: host statistics, no compile per shape)."""
+    x = np.asarray(x, np.float32)
+    return np.mean(np.abs(x.reshape(-1, x.shape[-1])), axis=0, dtype=np.float64).astype(np.float32)
 
 
-def weight_mean(weights: list[jax.Array], group_size: int) -> jax.Array:
+def weight_mean(weights, group_size: int) -> np.ndarray:
     """Per input channel, the mean over every output column of every weight in the group
     (``[..., in, out]`` each, stacks of experts too) of ``|W|`` divided by its group's max."""
     total, count = 0.0, 0
     for w in weights:
-        w = jnp.abs(jnp.asarray(w, jnp.float32))
+        w = np.abs(np.asarray(w, np.float32))
         *lead, n_in, n_out = w.shape
         g = w.reshape(*lead, n_in // group_size, group_size, n_out)
         g = g / (g.max(axis=-2, keepdims=True) + 1e-6)
-        g = g.reshape(-1, n_in, n_out)
-        total = total + g.sum(axis=(0, 2))
-        count += g.shape[0] * n_out
-    return total / count
+        total = total + g.reshape(-1, n_in, n_out).sum(axis=(0, 2), dtype=np.float64)
+        count += int(np.prod(lead, dtype=np.int64)) * n_out
+    return (total / count).astype(np.float32)
 
 
+@jax.jit
 def candidate_scales(x_mean: jax.Array, w_mean: jax.Array, alpha: float) -> jax.Array:
     """AutoAWQ's duo-scaling candidate for one ``α``, normalised to ``max · min = 1``."""
     s = jnp.maximum(x_mean ** alpha / (w_mean ** (1.0 - alpha) + 1e-4), 1e-4)
@@ -131,7 +134,7 @@ def subsample_tokens(x: np.ndarray, n_tokens: int = CLIP_TOKENS) -> np.ndarray:
     return x[:: max(1, x.shape[0] // n_tokens)]
 
 
-@jax.jit(static_argnames=("group_size", "bits", "n_grid", "max_shrink"))
+@functools.partial(jax.jit, static_argnames=("group_size", "bits", "n_grid", "max_shrink"))
 def _clip_max(w, x, valid, group_size, bits, n_grid, max_shrink):
     n_in, n_out = w.shape
     n_groups = n_in // group_size
@@ -167,15 +170,15 @@ def search_clip(w, x, group_size: int, bits: int = 4, *, n_grid: int = N_GRID,
     """The clip threshold per quantization group and output column, ``[in/G, out]``.
 
     ``w [in, out]`` (already scaled) and ``x [N, in]``, its calibration inputs (already divided
-    by the scale). Tokens are subsampled as AutoAWQ does and padded to a power of two (so the
-    compiled search is reused across experts); padding rows carry no weight in the error.
+    by the scale). Tokens are subsampled as AutoAWQ does and padded to ``2 · n_tokens`` rows (one
+    compiled search serves every expert); padding rows carry no weight in the error.
     Clamp with :func:`apply_clip`.
     """
     x = subsample_tokens(x, n_tokens)
     n = x.shape[0]
     if n == 0:
         raise ValueError("search_clip: no calibration tokens")
-    pad = 1 << (n - 1).bit_length()
+    pad = max(2 * n_tokens, 1 << (n - 1).bit_length())  # subsampling leaves < 2 · n_tokens rows
     xp = np.zeros((pad, x.shape[1]), np.float32)
     xp[:n] = x
     valid = np.arange(pad) < n
