@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--no-clip", action="store_true", help="AWQ without the clip search")
+    p.add_argument("--duo-scaling", choices=["true", "false", "both"], default="true")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     print(f"held-out {results['heldout_tokens']} tokens: float32 {results['float32']:.4f}, "
           f"bf16 {results['bf16']:.4f}")
     calib = {"calib": [CORPUS], "calib_samples": args.calib_samples, "clip": not args.no_clip,
+             "duo_scaling": {"true": True, "false": False}.get(args.duo_scaling, "both"),
              "calib_seq_len": args.calib_seq_len, "calib_heldout_fraction": 0.05}
     for bits in args.bits:
         for g in args.group_sizes:

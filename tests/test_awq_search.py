@@ -127,6 +127,14 @@ def test_scale_search_matches_numpy():
     np.testing.assert_allclose(got.scales, scales, rtol=1e-5)
     np.testing.assert_allclose(got.losses, losses, rtol=1e-3)
     assert alpha > 0 and min(losses) < 0.7 * losses[0]  # the outliers make scaling pay
+    # llm-compressor's duo_scaling="both" adds the activations-only grid, whose first point is
+    # s = 1: plain rounding, so the search can never end worse than RTN on its own loss.
+    both = search.search_scale(search.activation_mean(x), search.weight_mean([w1.T, w2.T], G),
+                               loss, duo_scaling="both")
+    ones = jnp.ones(d_in, jnp.float32)
+    assert len(both.losses) == 40 and both.losses[:20] == pytest.approx(got.losses)
+    assert both.losses[20] == pytest.approx(float(loss(ones)))
+    assert min(both.losses) == pytest.approx(min(both.losses[20:] + (min(losses),)), rel=1e-3)
 
 
 def jax_sigmoid(a):

@@ -102,8 +102,12 @@ def test_ctrl_c_stops_a_reply_not_the_chat():
     p.stdin.flush()
     seen = ""
     deadline = time.time() + 120
-    while time.time() < deadline and len(seen) < 40:  # the reply is streaming
+    # The reply has started streaming (its first piece is out; the decode of 1,000 tokens runs
+    # for seconds more). Not "N characters": a reply that reaches EOS early goes on with
+    # --ignore-eos in tokens that print nothing.
+    while time.time() < deadline and len(seen) <= len("Assistant: "):
         seen += p.stdout.read(1)
+    time.sleep(0.3)
     os.kill(p.pid, signal.SIGINT)
     time.sleep(0.5)
     out, err = p.communicate("JULIET:\n\n", timeout=300)

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dsv2_jax.training.metrics import read_metrics
 from dsv2_jax.training.testing import write_tiny_run
 
@@ -21,12 +23,23 @@ def committed(ckpt_dir: Path, step: int) -> bool:
     return (ckpt_dir / str(step) / "_CHECKPOINT_METADATA").exists()
 
 
-def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, lora):
+    """``lora``: adapters on a frozen base checkpoint (the resumed run reloads the base from
+    model.init_from and the adapters and their AdamW state from its checkpoint)."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     sections = dict(schedule={"total_steps": 12, "warmup_steps": 2},
                     checkpoint={"every": 4, "keep": 3}, logging={"every": 1, "progress": False})
+    if lora:
+        from dsv2_jax.training.testing import TINY_MODEL
+        from tiny import LITE, write_checkpoint
+
+        base = write_checkpoint(tmp_path / "base", dict(LITE, **TINY_MODEL), seed=1)
+        sections.update(model={"preset": None, "init_from": str(base), "overrides": {}},
+                        lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "kv_b_proj"]},
+                        schedule={"total_steps": 12, "warmup_steps": 2, "peak_lr": 1e-2})
     reference = write_tiny_run(tmp_path, name="reference", **sections)
     crashed = write_tiny_run(tmp_path, name="crashed", **sections)
 

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-heldout-fraction", type=float, default=0.0,
                    help="leave out this last fraction of the calibration tokens (text you evaluate on)")
     p.add_argument("--no-clip", action="store_true", help="AWQ scale search only, no clip search")
+    p.add_argument("--duo-scaling", choices=["true", "false", "both"], default="true",
+                   help="candidate scales: AutoAWQ's x^a / w^(1-a), activations alone x^a, or both")
     p.add_argument("--skip", nargs="+", default=[], metavar="NAME",
                    help="leave linears whose name holds NAME dense (modules_to_not_convert)")
     args = p.parse_args(argv)
@@ -36,7 +38,9 @@ def main(argv=None) -> int:
         out = quantize_checkpoint(args.model, args.out, args.group_size, method=args.method,
                                   calib=args.calib, calib_samples=args.calib_samples,
                                   calib_seq_len=args.calib_seq_len,
-                                  calib_heldout_fraction=args.calib_heldout_fraction, clip=not args.no_clip,
+                                  calib_heldout_fraction=args.calib_heldout_fraction,
+                                  duo_scaling={"true": True, "false": False}.get(args.duo_scaling, "both"),
+                                  clip=not args.no_clip,
                                   skip=tuple(args.skip))
     except (OSError, ValueError, Dsv2Error) as e:
         print(f"error: {e}", file=sys.stderr)

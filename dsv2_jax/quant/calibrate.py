@@ -275,10 +275,12 @@ class _Chunks:
 
 
 def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, group_size: int,
-              bits: int = 4, *, clip: bool = True, skip: Sequence[str] = ()) -> LayerResult:
+              bits: int = 4, *, clip: bool = True, skip: Sequence[str] = (),
+              duo_scaling: bool | str = True) -> LayerResult:
     """Search, fold and clip one decoder layer. ``tensors``: its hub tensors (float32, ``[out,
     in]``; modified in place); ``x [n, T, H]``: its calibration input; ``skip``: name parts of
-    linears left unquantized (``modules_to_not_convert``)."""
+    linears left unquantized (``modules_to_not_convert``); ``duo_scaling``: the candidate
+    scales (``search.search_scale``)."""
     p = f"model.layers.{layer}."
     graphdef, state = layer_state(cfg, layer, tensors)
     chunks = _Chunks(cfg, x.shape[0], x.shape[1])
@@ -325,7 +327,8 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
             w = jnp.asarray(ws[0])
             xs, valid = _padded(xin, expert_rows if g.inputs in expert_tokens_down else 0)
             result = search.search_scale(
-                x_mean, w_mean, lambda s, w=w, xs=xs, valid=valid: _linear_error(group_size, bits, w, s, xs, valid))
+                x_mean, w_mean, lambda s, w=w, xs=xs, valid=valid: _linear_error(group_size, bits, w, s, xs, valid),
+                duo_scaling=duo_scaling)
         else:
             paths = tuple(dict.fromkeys(_module_path(n) for n in g.linears))
             ref = acts[g.judged_on]
@@ -338,7 +341,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
                             for sl, c, si, m in chunks)
                 return total / ref.size
 
-            result = search.search_scale(x_mean, w_mean, loss)
+            result = search.search_scale(x_mean, w_mean, loss, duo_scaling=duo_scaling)
         found.append(result)
 
     # 2. fold them all; the captured inputs are divided as the folded model divides them

@@ -129,7 +129,8 @@ def default_calibration(src: Path):
 
 def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", calib=None,
                         calib_samples: int = 128, calib_seq_len: int = 512,
-                        calib_heldout_fraction: float = 0.0, clip: bool = True, bits: int = 4,
+                        calib_heldout_fraction: float = 0.0, clip: bool = True,
+                        duo_scaling: bool | str = True, bits: int = 4,
                         skip: tuple[str, ...] = (), dense_output: bool = False,
                         max_shard_bytes: int = 4 << 30, progress: bool = True,
                         source_name: str | None = None) -> Path:
@@ -138,7 +139,8 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
     ``method`` "awq" needs calibration text: ``calib`` (text / JSONL files) tokenized with the
     model's tokenizer into up to ``calib_samples`` windows of ``calib_seq_len`` tokens
     (``calib_heldout_fraction`` leaves out the text's tail); without ``calib`` only the bundled
-    demo model has a default (its training corpus). ``skip``: linears whose name holds one of
+    demo model has a default (its training corpus). ``duo_scaling``: AutoAWQ's candidate
+    scales (True), activations alone (False) or both grids ("both"). ``skip``: linears whose name holds one of
     these strings stay dense (``modules_to_not_convert``). ``dense_output`` writes the dequantized
     weights as a dense float32 checkpoint instead of the packed format (any ``bits``): for
     measuring what a quantization does. ``source_name`` names the source in the model card
@@ -214,7 +216,8 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
         for layer in layers:
             tensors = reader.get(layer_names.get(layer, []))
             if method == "awq":
-                result = awq_layer(cfg, layer, tensors, x, group_size, bits, clip=clip, skip=skip)
+                result = awq_layer(cfg, layer, tensors, x, group_size, bits, clip=clip, skip=skip,
+                                   duo_scaling=duo_scaling)
                 tensors, x = result.tensors, result.output
                 alphas[layer] = result.alphas
             for name in sorted(tensors):
@@ -237,7 +240,7 @@ def quantize_checkpoint(src, out, group_size: int = 64, *, method: str = "awq", 
         record = {"method": method, "bits": bits, "group_size": group_size,
                   "seconds": round(time.perf_counter() - started, 1)}
         if method == "awq":
-            record.update(duo_scaling=True, clip=clip, calibration=calib_record)
+            record.update(duo_scaling=duo_scaling, clip=clip, calibration=calib_record)
         if dense_output:
             d["torch_dtype"] = "float32"
             d["dsv2_jax_fake_quantization"] = record

@@ -90,12 +90,19 @@ def weight_mean(weights, group_size: int) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
-@jax.jit
-def candidate_scales(x_mean: jax.Array, w_mean: jax.Array, alpha: float) -> jax.Array:
-    """AutoAWQ's duo-scaling candidate for one ``α``, normalised to ``max · min = 1``."""
-    s = jnp.maximum(x_mean ** alpha / (w_mean ** (1.0 - alpha) + 1e-4), 1e-4)
+@functools.partial(jax.jit, static_argnames="duo")
+def candidate_scales(x_mean: jax.Array, w_mean: jax.Array, alpha: float, duo: bool = True) -> jax.Array:
+    """The candidate for one ``α``, normalised to ``max · min = 1``: AutoAWQ's duo scaling
+    ``x_mean^α / w_mean^(1-α)``, or (``duo=False``) activations alone, ``x_mean^α``."""
+    if duo:
+        s = jnp.maximum(x_mean ** alpha / (w_mean ** (1.0 - alpha) + 1e-4), 1e-4)
+    else:
+        s = jnp.maximum(x_mean ** alpha, 1e-4)
     s = s / jnp.sqrt(s.max() * s.min())
     return jnp.where(jnp.isfinite(s), s, 1.0)
+
+
+DUO_SCALING = (True, False, "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,21 +115,28 @@ class ScaleSearch:
 
 
 def search_scale(x_mean, w_mean, loss: Callable[[jax.Array], jax.Array],
-                 n_grid: int = N_GRID) -> ScaleSearch:
+                 n_grid: int = N_GRID, duo_scaling: bool | str = True) -> ScaleSearch:
     """Try ``α = i / n_grid`` for ``i < n_grid``; keep the first least ``loss(scales)``.
 
     ``loss`` maps a candidate scale vector ``[in]`` to the group's output error (a scalar):
     typically a jitted function that applies :func:`scaled_fake_quantize` to the group's
-    weights and compares the block's output with the unquantized one.
+    weights and compares the block's output with the unquantized one. ``duo_scaling`` as
+    llm-compressor's AWQ: True (AutoAWQ's candidates), False (activations alone), or "both"
+    (both grids, 2 · n_grid candidates; the activations-alone grid starts with ``s = 1``,
+    plain rounding, so the search never picks worse than RTN on its own loss).
     """
+    if duo_scaling not in DUO_SCALING:
+        raise ValueError(f"duo_scaling = {duo_scaling!r}: expected one of {DUO_SCALING}")
+    kinds = [True, False] if duo_scaling == "both" else [duo_scaling]
     best, losses = None, []
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = candidate_scales(x_mean, w_mean, alpha)
-        value = float(loss(s))
-        losses.append(value)
-        if best is None or value < best[0]:
-            best = (value, alpha, s)
+    for duo in kinds:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = candidate_scales(x_mean, w_mean, alpha, duo)
+            value = float(loss(s))
+            losses.append(value)
+            if best is None or value < best[0]:
+                best = (value, alpha, s)
     if best is None or not np.isfinite(best[0]):
         raise FloatingPointError(f"AWQ scale search: no finite loss on the grid ({losses})")
     return ScaleSearch(best[1], np.asarray(best[2], np.float32), tuple(losses))
