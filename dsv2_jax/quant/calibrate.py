@@ -96,6 +96,14 @@ class ScaleGroup:
     compensate: tuple[str, ...] = ()  # unquantized readers of the same input (the router)
 
 
+def mlp_names(cfg: DeepseekV2Config, layer: int) -> list[str]:
+    """The SwiGLU MLPs of a layer: each routed expert and the shared experts, or the dense MLP."""
+    if not cfg.is_moe_layer(layer):
+        return ["mlp"]
+    return ([f"mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
+            + (["mlp.shared_experts"] if cfg.n_shared_experts else []))
+
+
 def scale_groups(cfg: DeepseekV2Config, layer: int) -> list[ScaleGroup]:
     """The scale groups of decoder layer ``layer``, in AutoAWQ's order."""
     q = ("self_attn.q_proj",) if cfg.q_lora_rank is None else ("self_attn.q_a_proj",)
@@ -104,9 +112,7 @@ def scale_groups(cfg: DeepseekV2Config, layer: int) -> list[ScaleGroup]:
         groups.append(ScaleGroup("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "linear", "qa"))
     groups.append(ScaleGroup("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "linear", "c_kv"))
     if cfg.is_moe_layer(layer):
-        mlps = [f"mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
-        if cfg.n_shared_experts:
-            mlps.append("mlp.shared_experts")
+        mlps = mlp_names(cfg, layer)
         ins = tuple(f"{m}.{p}" for m in mlps for p in ("gate_proj", "up_proj"))
         groups.append(ScaleGroup("post_attention_layernorm", ins, "mlp", "h2", ("mlp.gate",)))
         groups += [ScaleGroup(f"{m}.up_proj", (f"{m}.down_proj",), "linear", f"{m}.down_proj")
@@ -228,12 +234,15 @@ def _block_error(graphdef, judged_on, paths, state, weights, x, ref, cos, sin, m
     return jnp.sum((out - ref) ** 2)
 
 
+@jax.jit
+def _linear_out(w, x):
+    return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _linear_error(group_size, bits, w, scales, x, valid):
-    """Mean squared error of ``x @ Q(W·s)/s`` against ``x @ W`` over the valid rows of ``x``."""
-    hi = jax.lax.Precision.HIGHEST
-    err = (jnp.dot(x, search.scaled_fake_quantize(w, scales, group_size, bits), precision=hi)
-           - jnp.dot(x, w, precision=hi))
+def _linear_error(group_size, bits, w, scales, x, ref, valid):
+    """Mean squared error of ``x @ Q(W·s)/s`` against ``ref = x @ W`` over the valid rows."""
+    err = _linear_out(search.scaled_fake_quantize(w, scales, group_size, bits), x) - ref
     return jnp.sum(jnp.where(valid[:, None], err ** 2, 0.0)) / (jnp.maximum(valid.sum(), 1) * w.shape[1])
 
 
@@ -294,9 +303,7 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
 
     # Inputs of each MLP's down_proj, and of each routed expert's gate/up (its own tokens).
     expert_tokens = {}
-    mlps = ["mlp"] if not cfg.is_moe_layer(layer) else (
-        [f"mlp.experts.{e}" for e in range(cfg.n_routed_experts)]
-        + (["mlp.shared_experts"] if cfg.n_shared_experts else []))
+    mlps = mlp_names(cfg, layer)
     topk = acts["topk"].reshape(-1, cfg.num_experts_per_tok) if "topk" in acts else None
     for m in mlps:
         if m.startswith("mlp.experts."):
@@ -326,9 +333,12 @@ def awq_layer(cfg: DeepseekV2Config, layer: int, tensors: dict, x: np.ndarray, g
         if g.judged_on == "linear":
             w = jnp.asarray(ws[0])
             xs, valid = _padded(xin, expert_rows if g.inputs in expert_tokens_down else 0)
-            result = search.search_scale(
-                x_mean, w_mean, lambda s, w=w, xs=xs, valid=valid: _linear_error(group_size, bits, w, s, xs, valid),
-                duo_scaling=duo_scaling)
+            ref = _linear_out(w, xs)
+
+            def loss(s, w=w, xs=xs, ref=ref, valid=valid):
+                return _linear_error(group_size, bits, w, s, xs, ref, valid)
+
+            result = search.search_scale(x_mean, w_mean, loss, duo_scaling=duo_scaling)
         else:
             paths = tuple(dict.fromkeys(_module_path(n) for n in g.linears))
             ref = acts[g.judged_on]
