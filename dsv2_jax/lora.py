@@ -250,12 +250,11 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
 
 def merge(model) -> None:
     """Fold every adapter into its dense base weight and remove the adapters (in place)."""
-    for _, lin in linears(model):
-        if lin.lora is None:
-            continue
-        if lin.quantized:
-            raise ValueError("merge: an adapter on an AWQ-packed linear cannot be folded into its "
-                             "packed weight; merge into a dense base and quantize the result")
+    adapted = [lin for _, lin in linears(model) if lin.lora is not None]
+    if any(lin.quantized for lin in adapted):  # checked first: nothing is half merged
+        raise ValueError("merge: an adapter on an AWQ-packed linear cannot be folded into its "
+                         "packed weight; merge into the dense base and quantize the result")
+    for lin in adapted:
         w = lin.weight[...]
         lin.weight.set_value((w.astype(jnp.float32) + lin.lora.delta()).astype(w.dtype))
         lin.lora = None

@@ -130,11 +130,10 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
                              "adapter) or --merge (base + adapter in one checkpoint)")
         from dsv2_jax.lora import merge as merge_adapters
 
-        if any(lin.quantized for _, lin in _adapted(model)):
-            raise ValueError(f"{run_dir}: the base {model.base_model} is AWQ-packed; an adapter "
-                             "cannot be merged into packed weights. Merge into the dense model "
-                             "it came from, or export --adapter")
-        merge_adapters(model)
+        try:
+            merge_adapters(model)
+        except ValueError as e:
+            raise ValueError(f"{run_dir}: base {model.base_model}: {e} (or export --adapter)") from None
     if not awq:
         dsv2_jax.save(model, out, tokenizer=tok)
         return out
@@ -159,12 +158,6 @@ def export(run_dir, out, *, step: int | None = None, dtype: str | None = None, a
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _adapted(model):
-    from dsv2_jax.lora import linears
-
-    return [(n, lin) for n, lin in linears(model) if lin.lora is not None]
 
 
 def main(argv=None) -> int:
