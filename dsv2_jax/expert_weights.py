@@ -6,9 +6,10 @@ dispatch passes around (through ``jax.shard_map`` too): a dense array or a stack
 
 - :func:`tie` — the packed words made data-dependent on the layer's input (``layers.tie_to``);
 - :func:`gathered_matmul` — few (token, expert) pairs (decode): each row reads its own expert;
-- :func:`grouped_matmul` — many pairs sorted by expert: one grouped matmul. On GPU that is the
-  AWQ grouped Pallas kernel or ``jax.lax.ragged_dot``; on CPU a tiled matmul that skips empty
-  tiles, since XLA's CPU ``ragged_dot`` multiplies every row by every expert (docs/platform.md);
+- :func:`grouped_matmul` — pairs sorted by expert: one grouped matmul. On GPU that is a Pallas
+  kernel (``kernels.awq_grouped_matmul`` for packed experts, ``kernels.grouped_matmul`` with its
+  backward for dense ones); on CPU a tiled matmul that skips empty tiles. XLA's ``ragged_dot``
+  multiplies every row by every expert on both backends (docs/platform.md);
 - :func:`checked_in_shard_map` — whether ``shard_map`` may check varying-axes types.
 """
 
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import backend, kernels
 from .layers import QuantizedWeight, check_group_size, normal_init, tie_to
 from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
 from .quant.ops import awq_grouped_linear
@@ -70,10 +72,10 @@ def tie(w: Stacked, x: jax.Array) -> Stacked:
 
 
 def checked_in_shard_map(*ws: Stacked) -> bool:
-    """Whether ``shard_map(check_vma=True)`` accepts a dispatch over ``ws``: the AWQ Pallas
-    kernel (GPU) declares outputs without shard_map's varying-axes type, so that path runs
-    unchecked (same results; AWQ weights get no gradients, so no backward collective is lost)."""
-    return all(_is_dense(w) for w in ws) or jax.default_backend() != "gpu"
+    """Whether ``shard_map(check_vma=True)`` accepts a dispatch over ``ws``: the Pallas kernels
+    (GPU) declare outputs without shard_map's varying-axes type, so those paths run unchecked
+    (tests/test_expert_parallel_grads.py checks the gradients of that path against one device)."""
+    return not backend.on_gpu()
 
 
 def expert(w: Stacked, e, dtype) -> jax.Array:
@@ -96,12 +98,12 @@ def gathered_matmul(x: jax.Array, w: Stacked, expert_ids: jax.Array) -> jax.Arra
 def grouped_matmul(x: jax.Array, w: Stacked, group_sizes: jax.Array) -> jax.Array:
     """x [M, in] sorted by expert, ``group_sizes`` int32 [E] -> [M, out] in ``x.dtype``.
     Rows past ``sum(group_sizes)`` belong to no expert and come out zero."""
-    on_gpu = jax.default_backend() == "gpu"
-    if not _is_dense(w) and on_gpu:
+    if not backend.on_gpu():
+        return _tiled_grouped_matmul(x, w, group_sizes)
+    if not _is_dense(w):
         return awq_grouped_linear(x, w, group_sizes).astype(x.dtype)
-    if on_gpu:
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    return _tiled_grouped_matmul(x, w, group_sizes)
+    # Not ragged_dot: XLA's GPU rewrite of it multiplies every row by every expert (padded).
+    return kernels.grouped_matmul(x, w, group_sizes, implementation="triton")
 
 
 def _tiled_grouped_matmul(x, w, group_sizes):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import backend
 from .errors import ConfigError
 from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
 from .quant.ops import awq_linear
@@ -144,7 +145,7 @@ class Linear(nnx.Module):
         if self.quantized:
             return awq_linear(x, self.awq_weight(after=x)).astype(self.dtype)
         w = self.weight[...].astype(self.dtype)
-        if x.dtype != jnp.float32 and w.size * 4 > _CPU_UPCAST_LIMIT and jax.default_backend() == "cpu":
+        if x.dtype != jnp.float32 and w.size * 4 > _CPU_UPCAST_LIMIT and not backend.on_gpu():
             return _dot_in_column_chunks(x, w)
         return jnp.dot(x, w)
 

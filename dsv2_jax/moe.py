@@ -1,10 +1,12 @@
 """DeepSeekMoE: softmax router, greedy / group-limited top-k, shared + routed SwiGLU experts.
 
 Routing is a pure function in float32 (docs/model.md#routing). Routed experts are stored stacked
-([E, in, out], ``expert_weights``) and dispatched dropless. Few (token, expert) pairs (decode)
-gather their own expert's weights; many pairs are sorted by expert and run one grouped matmul
-per projection (``expert_weights.grouped_matmul``), then scattered back weighted by the router
-probabilities.
+([E, in, out], ``expert_weights``) and dispatched dropless. On the CPU few (token, expert) pairs
+(decode) gather their own expert's weights; otherwise (and always on a GPU, where the grouped
+Pallas kernels read each selected expert's weights once) the pairs are sorted by expert and run
+one grouped matmul per projection (``expert_weights.grouped_matmul``), are put back in pair
+order, and each token's K outputs are summed in float32 in a fixed order, weighted by the
+router probabilities (no scatter-add, whose order on a GPU varies from run to run).
 
 Expert parallelism (:func:`dispatch_experts_parallel`): when the model was built for a mesh
 whose ``expert`` axis has size P > 1 (``DeepseekV2(cfg, mesh=...)``, ``dsv2_jax.load(...,
@@ -44,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from . import backend
 from . import expert_weights as ew
 from .config import DeepseekV2Config
 from .expert_weights import ExpertWeights
@@ -109,7 +112,7 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
         flat_valid = valid.reshape(-1)
         flat_expert = jnp.where(flat_valid, flat_expert, n_experts)
         flat_weight = jnp.where(flat_valid, flat_weight, 0.0)
-    if n * k <= GATHER_MAX_ROWS:
+    if n * k <= GATHER_MAX_ROWS and not backend.on_gpu():
         flat_expert = jnp.minimum(flat_expert, n_experts - 1)
         xs = jnp.repeat(x, k, axis=0)  # [N*K, H], pair order
         h = jax.nn.silu(ew.gathered_matmul(xs, w_gate, flat_expert)) * ew.gathered_matmul(xs, w_up, flat_expert)
@@ -123,9 +126,11 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     xs = jnp.take(x, token_of, axis=0)  # [N*K, H] rows grouped by expert
     h = jax.nn.silu(ew.grouped_matmul(xs, w_gate, group_sizes)) * ew.grouped_matmul(xs, w_up, group_sizes)
     y = ew.grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
-    weight = jnp.take(flat_weight, order)[:, None]
-    y = (y.astype(jnp.float32) * weight).astype(x.dtype)
-    return jnp.zeros_like(x).at[token_of].add(y)
+    # Back to pair order (a permutation: a gather, no scatter-add), then each token's K outputs
+    # summed in float32 in a fixed order: deterministic on every backend.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype), unique_indices=True)
+    y = jnp.take(y, inverse, axis=0, unique_indices=True).astype(jnp.float32) * flat_weight[:, None]
+    return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
 
 
 def _token_spec(mesh, n: int):
@@ -190,7 +195,10 @@ class Router(nnx.Module):
         self.weight = nnx.Param(w)
 
     def __call__(self, x):
-        return jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        # HIGHEST: a float32 dot may otherwise run as TF32 (or bf16 passes) on a GPU, and the
+        # rounding flips the top-k choice of experts near ties.
+        return jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
 
 
 class MoE(nnx.Module):

@@ -59,6 +59,15 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "norm": None,
 }
 
+# Training holds float32 master weights and two AdamW moments (12 bytes per parameter): every
+# parameter is split over every device, not just the routed experts. Weights that are not
+# routed experts also split their ``embed``/``vocab`` axis over ``expert`` (FSDP over the
+# expert axis; XLA gathers a weight just before its use and reduce-scatters its gradient).
+# Routed experts already use ``expert`` for their expert axis, so they are unchanged. Inference
+# keeps RULES: a decode step would otherwise all-gather every weight at every token.
+TRAIN_RULES: dict[str, tuple[str, ...] | None] = {
+    **RULES, "vocab": (FSDP, EXPERT), "embed": (FSDP, EXPERT)}
+
 # Logical axes of each parameter ([in, out] linears; stacked experts [E, in, out]), keyed by the
 # module that owns it. AWQ leaves (qweight [in, out/8], qzeros [in/G, out/8], scales [in/G, out])
 # keep the meaning of the axes they pack, so they use the same entry.

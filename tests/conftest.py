@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A CPU suite: with the gpu-compile extra installed (CUDA PJRT plugin, no GPU) JAX would try to
+# start the CUDA backend and print its failure in every process, CLI subprocesses included.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -117,7 +117,7 @@ def case_cuda_lowering() -> dict:
     """Trace the expert-parallel dispatch as on a GPU (ragged_dot for dense experts, the Triton
     grouped kernel for AWQ ones) and lower it for CUDA: catches what shard_map or Pallas would
     refuse there, without a GPU (docs/platform.md)."""
-    from dsv2_jax import moe
+    from dsv2_jax import backend, moe
     from dsv2_jax.quant.awq import AWQWeight
 
     e, h, i, n, k = 8, 128, 64, 64, 3
@@ -134,17 +134,14 @@ def case_cuda_lowering() -> dict:
     weights = {"dense": [jnp.zeros(s, jnp.bfloat16) for s in ((e, h, i), (e, h, i), (e, i, h))],
                "awq": [awq_stack(h, i), awq_stack(h, i), awq_stack(i, h)]}
     mesh = sh.make_mesh(expert=4)
-    res, real = {}, jax.default_backend
-    jax.default_backend = lambda: "gpu"  # the dispatch picks its GPU kernels at trace time
-    try:
+    res = {}
+    with backend.target("gpu"):  # the dispatch picks its GPU kernels at trace time
         for label, ws in weights.items():
             f = jax.jit(lambda x, r, *w: moe.dispatch_experts_parallel(x, r, *w, e, mesh))
             text = f.trace(x, routing, *ws).lower(lowering_platforms=("cuda",)).as_text()
             res[f"{label}/ragged_dot"] = "ragged_dot" in text
             res[f"{label}/triton"] = "xla.gpu.triton" in text
             res[f"{label}/reduce_scatter"] = "reduce_scatter" in text
-    finally:
-        jax.default_backend = real
     return res
 
 
@@ -190,6 +187,42 @@ def case_grads(folder: str, eps: list[int]) -> dict:
         res[f"ep{ep}/n_grads"] = len(errs)
         spec = [v.sharding.spec for k, v in got.items() if "experts_down_proj" in jax.tree_util.keystr(k)]
         res[f"ep{ep}/expert_grad_spec"] = str(spec[0])
+    return res
+
+
+def case_gpu_paths(folder: str, awq_folder: str) -> dict:
+    """The GPU code paths (Pallas kernels in interpret mode, no gather path, shard_map unchecked)
+    against the CPU paths on one device: gradients with and without expert parallelism (a data
+    axis too, whose gradient all-reduce shard_map must still insert), and logits."""
+    from dsv2_jax import backend
+
+    res = {}
+    ref = dsv2_jax.load(folder, dtype="float32")
+    ids = jnp.asarray(tokens(ref.config.vocab_size))
+    g, params, rest = split(ref)
+    want_loss, want = _grad(params, g, rest, ids)
+    want = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    res["grad_scale"] = max(float(np.abs(v).max()) for v in want.values())
+    for label, sizes in (("one", None), ("data2_ep4", dict(data=2, expert=4))):
+        mesh = None if sizes is None else sh.make_mesh(**sizes)
+        g, params, rest = split(dsv2_jax.load(folder, dtype="float32", mesh=mesh))
+        x = ids if mesh is None else jax.device_put(ids, sh.batch_sharding(mesh, B))
+        with backend.target("gpu", interpret=True):
+            fn = jax.value_and_grad(loss_fn)
+            loss, got = jax.jit(fn, static_argnums=1)(params, g, rest, x)
+            jaxpr = str(jax.make_jaxpr(fn, static_argnums=1)(params, g, rest, x))
+        # 2 MoE layers x 3 projections: a forward, a dx and a dW kernel each
+        res[f"{label}/kernels"] = {k: jaxpr.count(f"name={k}\n") + jaxpr.count(f"name={k} ")
+                                   for k in ("grouped_matmul", "grouped_matmul_dx", "grouped_matmul_dw")}
+        got = dict(jax.tree_util.tree_leaves_with_path(got))
+        errs = {jax.tree_util.keystr(k): float(np.abs(np.asarray(got[k]) - v).max()) for k, v in want.items()}
+        worst = max(errs, key=errs.get)
+        res[f"{label}/loss"] = abs(float(loss) - float(want_loss))
+        res[f"{label}/grad"], res[f"{label}/worst"], res[f"{label}/n_grads"] = errs[worst], worst, len(errs)
+    with backend.target("gpu", interpret=True):
+        for name, path, sizes, cached in (("dense", folder, dict(data=2, expert=4), True),
+                                          ("awq", awq_folder, dict(expert=8), False)):
+            res.update({f"{name}/{k}": v for k, v in compare(path, {"ep": sizes}, with_cache=cached).items()})
     return res
 
 
@@ -279,6 +312,8 @@ def main():
         out = case_grads(folder, [int(x) for x in rest[0].split(",")])
     elif case == "hlo":
         out = case_hlo(folder)
+    elif case == "gpu_paths":
+        out = case_gpu_paths(folder, rest[0])
     else:
         raise SystemExit(f"unknown case {case!r}")
     print("RESULT " + json.dumps(out))

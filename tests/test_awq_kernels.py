@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv2_jax import kernels
+from dsv2_jax import backend, kernels
 from dsv2_jax.kernels.awq_grouped_matmul import tile_schedule
 from dsv2_jax.quant import awq, ops
 from dsv2_jax.quant.awq import AWQWeight
@@ -166,8 +166,12 @@ def test_dispatch_on_cpu_is_the_reference():
     (ops.FUSED_MAX_ROWS, ["awq_matmul"]),
     (ops.FUSED_MAX_ROWS + 1, ["awq_dequant"]),
 ])
-def test_dispatch_gpu_paths_lower_for_cuda(monkeypatch, rows, kernel_names):
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+def test_dispatch_gpu_paths_lower_for_cuda(rows, kernel_names):
+    with backend.target("gpu"):
+        _check_gpu_paths(rows, kernel_names)
+
+
+def _check_gpu_paths(rows, kernel_names):
     w = make_weight((128, 200), 64)
     x = jax.ShapeDtypeStruct((1, rows, 128), jnp.bfloat16)
     assert _lower_cuda(lambda x, w: ops.awq_linear(x, w), x, w) == kernel_names

@@ -6,6 +6,7 @@ kernel                      reference
 ``awq_dequant``             ``dsv2_jax.quant.awq.dequantize``
 ``awq_matmul``              ``dsv2_jax.quant.awq.awq_matmul_reference``
 ``awq_grouped_matmul``      ``dsv2_jax.quant.awq.awq_grouped_matmul_reference``
+``grouped_matmul``          ``jax.lax.ragged_dot`` (dense experts; forward, dx and dW)
 ==========================  ===================================================
 
 Every entry point takes ``implementation`` ('auto' | 'triton' | 'xla') and ``interpret``.
@@ -14,5 +15,6 @@ Every entry point takes ``implementation`` ('auto' | 'triton' | 'xla') and ``int
 from dsv2_jax.kernels.awq_dequant import awq_dequant
 from dsv2_jax.kernels.awq_grouped_matmul import awq_grouped_matmul
 from dsv2_jax.kernels.awq_matmul import awq_matmul
+from dsv2_jax.kernels.grouped_matmul import grouped_matmul
 
-__all__ = ["awq_dequant", "awq_grouped_matmul", "awq_matmul"]
+__all__ = ["awq_dequant", "awq_grouped_matmul", "awq_matmul", "grouped_matmul"]

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
+from dsv2_jax import backend
+
 IMPLEMENTATIONS = ("auto", "triton", "xla")
 
 # Pallas Triton runs blocks of 4 warps well for these memory-bound tiles; 3 stages lets
@@ -45,8 +47,13 @@ def resolve_implementation(implementation: str, interpret: bool, fn: str) -> str
                              "combined with implementation='xla'")
         return "triton"
     if implementation == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "xla"
+        return "triton" if backend.on_gpu() else "xla"
     return implementation
+
+
+def interpreting() -> bool:
+    """Kernels run interpreted inside ``backend.target("gpu", interpret=True)``."""
+    return backend.interpreting()
 
 
 def compiler_params(num_warps: int | None, num_stages: int | None) -> plgpu.CompilerParams:

@@ -48,6 +48,7 @@ def awq_dequant(w: AWQWeight, dtype=jnp.bfloat16, *, block_k: int | None = None,
     ``implementation``: 'auto' (Triton on GPU, XLA reference elsewhere), 'triton', 'xla'.
     ``interpret=True`` runs the Pallas kernel on the CPU (tests).
     """
+    interpret = interpret or _common.interpreting()
     impl = _common.resolve_implementation(implementation, interpret, "awq_dequant")
     if impl == "xla":
         return dequantize(w, dtype)

@@ -102,6 +102,7 @@ def awq_grouped_matmul(x: jax.Array, w: AWQWeight, group_sizes: jax.Array, *,
     ``implementation``: 'auto' (Triton on GPU, XLA reference elsewhere), 'triton', 'xla'.
     ``interpret=True`` runs the Pallas kernel on the CPU (tests).
     """
+    interpret = interpret or _common.interpreting()
     impl = _common.resolve_implementation(implementation, interpret, "awq_grouped_matmul")
     e = w.qweight.shape[0] if w.stacked else 0
     if (not w.stacked or x.ndim != 2 or x.shape[1] != w.in_features

@@ -74,6 +74,7 @@ def awq_matmul(x: jax.Array, w: AWQWeight, *, block_m: int | None = None, block_
     ``implementation``: 'auto' (Triton on GPU, XLA reference elsewhere), 'triton', 'xla'.
     ``interpret=True`` runs the Pallas kernel on the CPU (tests).
     """
+    interpret = interpret or _common.interpreting()
     impl = _common.resolve_implementation(implementation, interpret, "awq_matmul")
     if w.stacked or x.ndim != 2 or x.shape[1] != w.in_features:
         raise ValueError(f"awq_matmul: x {tuple(x.shape)} must be [M, in={w.in_features}] and "

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsv2_jax import kernels
+from dsv2_jax import backend, kernels
 from dsv2_jax.quant.awq import (
     AWQWeight,
     awq_grouped_matmul_reference,
@@ -34,7 +34,7 @@ def _use_kernels(w: AWQWeight) -> bool:
     # The Triton kernels tile K by a power of two dividing the group size (docs/awq.md:
     # real checkpoints use 64); anything else, or a non-GPU backend, takes the reference.
     g = w.group_size
-    return jax.default_backend() == "gpu" and g >= 16 and g & (g - 1) == 0
+    return backend.on_gpu() and g >= 16 and g & (g - 1) == 0
 
 
 def awq_linear(x: jax.Array, w: AWQWeight) -> jax.Array:

@@ -1,0 +1,1 @@
+"""GPU target descriptions (XLA GpuTargetConfigProto text) for dsv2_jax.gpu_aot."""
