@@ -114,8 +114,8 @@ def case_awq_fsdp(folder: str, awq_folder: str) -> dict:
 
 
 def case_cuda_lowering() -> dict:
-    """Trace the expert-parallel dispatch as on a GPU (ragged_dot for dense experts, the Triton
-    grouped kernel for AWQ ones) and lower it for CUDA: catches what shard_map or Pallas would
+    """Trace the expert-parallel dispatch as on a GPU (the Triton grouped kernels for dense and
+    AWQ experts) and lower it for CUDA: catches what shard_map or Pallas would
     refuse there, without a GPU (docs/platform.md)."""
     from dsv2_jax import backend, moe
     from dsv2_jax.quant.awq import AWQWeight
@@ -139,7 +139,7 @@ def case_cuda_lowering() -> dict:
         for label, ws in weights.items():
             f = jax.jit(lambda x, r, *w: moe.dispatch_experts_parallel(x, r, *w, e, mesh))
             text = f.trace(x, routing, *ws).lower(lowering_platforms=("cuda",)).as_text()
-            res[f"{label}/ragged_dot"] = "ragged_dot" in text
+            res[f"{label}/ragged_dot"] = "ragged_dot(" in text
             res[f"{label}/triton"] = "xla.gpu.triton" in text
             res[f"{label}/reduce_scatter"] = "reduce_scatter" in text
     return res

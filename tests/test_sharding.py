@@ -148,7 +148,9 @@ def test_random_init_straight_into_shardings(e2e):
 
 
 def test_expert_parallel_dispatch_lowers_for_cuda():
-    """The GPU kernels inside shard_map: ragged_dot (dense) and the Triton grouped kernel (AWQ)."""
+    """The GPU kernels inside shard_map: the Triton grouped kernels for dense and AWQ experts
+    (never ragged_dot, which XLA pads to every expert on a GPU)."""
     res = run("cuda_lowering")
-    assert res["dense/ragged_dot"] and res["dense/reduce_scatter"]
+    assert res["dense/triton"] and not res["dense/ragged_dot"] and res["dense/reduce_scatter"]
+    assert not res["awq/ragged_dot"]
     assert res["awq/triton"] and res["awq/reduce_scatter"]

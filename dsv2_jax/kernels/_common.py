@@ -56,10 +56,18 @@ def interpreting() -> bool:
     return backend.interpreting()
 
 
-def compiler_params(num_warps: int | None, num_stages: int | None) -> plgpu.CompilerParams:
+# 16-row tiles (decode) of the fused W4A16 kernels: with 4 warps and 3 stages ptxas caps them at
+# 96 registers and spills 36-56 B per thread (H200 compile, docs/figures.md#gpu-compile); 8 warps
+# and 2 stages keep the same tile shape in 80 registers with no spill.
+SMALL_M_NUM_WARPS, SMALL_M_NUM_STAGES = 8, 2
+
+
+def compiler_params(num_warps: int | None, num_stages: int | None,
+                    block_m: int | None = None) -> plgpu.CompilerParams:
+    small = block_m is not None and block_m <= 16
     return plgpu.CompilerParams(
-        num_warps=DEFAULT_NUM_WARPS if num_warps is None else num_warps,
-        num_stages=DEFAULT_NUM_STAGES if num_stages is None else num_stages,
+        num_warps=num_warps if num_warps is not None else SMALL_M_NUM_WARPS if small else DEFAULT_NUM_WARPS,
+        num_stages=num_stages if num_stages is not None else SMALL_M_NUM_STAGES if small else DEFAULT_NUM_STAGES,
     )
 
 

@@ -136,7 +136,7 @@ def awq_grouped_matmul(x: jax.Array, w: AWQWeight, group_sizes: jax.Array, *,
         out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
         grid=(num_tiles, n_tiles, split_k),
         input_output_aliases={5: 0},
-        compiler_params=_common.compiler_params(num_warps, num_stages),
+        compiler_params=_common.compiler_params(num_warps, num_stages, block_m),
         interpret=interpret,
         name="awq_grouped_matmul",
     )(sched, x, w.qweight, w.qzeros, w.scales, jnp.zeros((split_k, m, n), out_dtype))

@@ -100,7 +100,7 @@ def awq_matmul(x: jax.Array, w: AWQWeight, *, block_m: int | None = None, block_
         kernel,
         out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
         grid=(n_tiles, m_tiles, split_k),
-        compiler_params=_common.compiler_params(num_warps, num_stages),
+        compiler_params=_common.compiler_params(num_warps, num_stages, block_m),
         interpret=interpret,
         name="awq_matmul",
     )(x, w.qweight, w.qzeros, w.scales)

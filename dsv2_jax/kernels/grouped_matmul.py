@@ -52,10 +52,10 @@ def _rows_kernel(sched_ref, x_ref, w_ref, o_init_ref, o_ref, *, n_contract, n_ou
             if transpose_w:  # w[e] is [out, contract]
                 w = plgpu.load(w_ref.at[expert, pl.ds(j * block_n, block_n), pl.ds(c0, block_c)],
                                mask=omask[:, None] & cmask[None, :], other=0)
-                return acc + pl.dot(x, w, trans_b=True, precision=precision)
+                return acc + plgpu.dot(x, w, trans_b=True, precision=precision)
             w = plgpu.load(w_ref.at[expert, pl.ds(c0, block_c), pl.ds(j * block_n, block_n)],
                            mask=cmask[:, None] & omask[None, :], other=0)
-            return acc + pl.dot(x, w, precision=precision)
+            return acc + plgpu.dot(x, w, precision=precision)
 
         acc = jax.lax.fori_loop(0, pl.cdiv(n_contract, block_c), body,
                                 jnp.zeros((block_m, block_n), jnp.float32))
@@ -78,7 +78,7 @@ def _dw_kernel(starts_ref, sizes_ref, x_ref, dy_ref, o_ref, *, k_in, n_out, bloc
                        mask=rmask & kmask[None, :], other=0)
         dy = plgpu.load(dy_ref.at[pl.ds(r0, block_m), pl.ds(nt * block_n, block_n)],
                         mask=rmask & nmask[None, :], other=0)
-        return acc + pl.dot(x, dy, trans_a=True, precision=precision)
+        return acc + plgpu.dot(x, dy, trans_a=True, precision=precision)
 
     acc = jax.lax.fori_loop(0, (size + block_m - 1) // block_m, body,
                             jnp.zeros((block_k, block_n), jnp.float32))
