@@ -142,10 +142,10 @@ def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int,
         done = done | (token == eos_id)
     seen = mark_seen(carry.seen, token) if carry.seen is not None else None
     step = carry.step + 1
-    logits, cache = jax.lax.cond(
-        (step < carry.max_new) & ~jnp.all(done),
-        lambda: _decode_logits(model, carry.cache, token, carry.slot, carry.pad),
-        lambda: (carry.logits, carry.cache))  # the last token: no forward whose logits are unused
+    # The next logits unconditionally: after the last token they go unused (one wasted forward
+    # per generate call), but a lax.cond here makes XLA keep a second copy of the whole cache
+    # (the branch that updates it in place cannot alias the one that passes it through).
+    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad)
     return carry.replace(cache=cache, logits=logits, key=key, tokens=tokens, done=done,
                          step=step, slot=carry.slot + 1, seen=seen)
 
