@@ -167,7 +167,45 @@ def train_step(devices: int = 8, tokens_per_device: int = 4096, target: str = "h
     return gpu_aot.compile(step, state, rest, batch, donate_argnums=(0,))
 
 
-PROGRAMS = {"decode": decode_loop, "prefill": prefill_chunk, "moe": moe_layer, "train": train_step}
+LORA_TARGETS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def lora_step(base: str = "awq", tokens: int = 4096, rank: int = 16, target: str = "h200",
+              remat: str = "full") -> gpu_aot.Report:
+    """One LoRA (bf16 base) or QLoRA (AWQ g64 base) training step on one GPU: adapters of
+    ``rank`` on the attention linears of every layer, one sequence of ``tokens`` tokens; the
+    frozen base is an argument, AdamW state covers the adapters only."""
+    from .lora import LoRAConfig, LoRAParam, add_lora
+    from .model import DeepseekV2
+    from .training import lr_schedule, make_optimizer
+    from .training.step import init_state, make_train_step
+
+    cfg = v2_lite(base)
+    mesh = _mesh(target, 1)
+    lora = LoRAConfig(rank=rank, alpha=2 * rank, target_modules=LORA_TARGETS)
+
+    def build():
+        model = DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype="bfloat16", dtype="bfloat16")
+        add_lora(model, lora)
+        return model
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(build), LoRAParam, ...)
+    schedule = lr_schedule(2e-4, 10, 1000)
+    tx = make_optimizer(schedule)
+    state = gpu_aot.abstract(jax.eval_shape(lambda p: init_state(p, tx, 0), params), mesh)
+    rest = gpu_aot.abstract(rest, mesh)
+    i32 = jax.ShapeDtypeStruct((1, 1, tokens), jnp.int32)
+    batch = gpu_aot.abstract({"inputs": i32, "targets": i32, "segments": i32, "positions": i32,
+                              "loss_mask": jax.ShapeDtypeStruct((1, 1, tokens), jnp.bool_)}, mesh)
+
+    def step(state, rest, batch):
+        return make_train_step(graphdef, rest, tx, schedule, cfg, remat=remat)(state, batch)
+
+    return gpu_aot.compile(step, state, rest, batch, donate_argnums=(0,))
+
+
+PROGRAMS = {"decode": decode_loop, "prefill": prefill_chunk, "moe": moe_layer, "train": train_step,
+            "lora": lora_step}
 
 
 def main(argv=None) -> int:
@@ -175,7 +213,8 @@ def main(argv=None) -> int:
                                 "on this machine (no GPU needed) and print its memory per device.")
     p.add_argument("program", choices=sorted(PROGRAMS))
     p.add_argument("--target", choices=sorted(gpu_aot.TARGETS), default=None)
-    p.add_argument("--quant", choices=["bf16", "awq"], default="bf16", help="decode / prefill weights")
+    p.add_argument("--quant", choices=["bf16", "awq"], default="bf16",
+                   help="decode / prefill weights; lora: the base (awq = QLoRA)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=4096, help="moe: tokens; train: tokens per device")
@@ -187,6 +226,8 @@ def main(argv=None) -> int:
         r = PROGRAMS[a.program](a.quant, a.batch, a.context, kernels=a.kernels, **kw)
     elif a.program == "moe":
         r = moe_layer(a.tokens, kernels=a.kernels, **kw)
+    elif a.program == "lora":
+        r = lora_step(a.quant, a.tokens, **kw)
     else:
         r = train_step(a.devices, a.tokens, **kw)
     out = {"program": a.program, "target": r.target, "devices": r.devices, "memory_gib": r.memory.gib()}

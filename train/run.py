@@ -152,7 +152,7 @@ def make_training(cfg: TrainConfig, model, mesh) -> Training:
     ``model`` must have been built for ``mesh`` (``build.build_model(..., mesh=mesh)``, so its
     MoE layers split the experts over the mesh's ``expert`` axis); it may be plain (host or
     one device) or already sharded. Its parameters and the AdamW moments are laid out by
-    ``dsv2_jax.sharding.tree_shardings``. The
+    ``dsv2_jax.sharding.tree_shardings`` with ``TRAIN_RULES``. The
     model's parameter arrays move into ``Training.state`` (donated): do not use it afterwards.
     """
     import jax
@@ -174,14 +174,17 @@ def make_training(cfg: TrainConfig, model, mesh) -> Training:
     # A lora: run trains the adapters alone; the base (nnx.Param, or AWQ-packed) stays in rest.
     trainable = nnx.Param if cfg.lora is None else LoRAParam
     graphdef, params, rest = nnx.split(model, trainable, ...)
-    param_sh = sharding.tree_shardings(params, mesh)
+    # TRAIN_RULES: float32 weights and AdamW moments split over every device, not only the
+    # routed experts (docs/architecture.md#sharding-and-expert-parallelism)
+    rules = sharding.TRAIN_RULES
+    param_sh = sharding.tree_shardings(params, mesh, rules)
     params = _place(params, param_sh)
-    rest = _place(rest, sharding.tree_shardings(rest, mesh))
+    rest = _place(rest, sharding.tree_shardings(rest, mesh, rules))
 
     def init(p):
         return init_state(p, tx, cfg.seed)
 
-    state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh)
+    state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh, rules)
     # donated: the parameters move into the state instead of being copied (``model``'s arrays
     # are consumed; callers drop the model)
     state = jax.jit(init, out_shardings=state_sh, donate_argnums=0)(params)

@@ -32,10 +32,9 @@ from dsv2_jax.kernels import _common
 from dsv2_jax.kernels.awq_grouped_matmul import tile_schedule
 
 
-def _rows_kernel(sched_ref, x_ref, w_ref, o_init_ref, o_ref, *, n_contract, n_out, block_m, block_n,
+def _rows_kernel(sched_ref, x_ref, w_ref, o_ref, *, n_contract, n_out, block_m, block_n,
                  block_c, transpose_w, precision):
     """o[rows of tile t, out tile j] = x[rows, :] @ w[e] (or w[e]^T), one expert per row tile."""
-    del o_init_ref  # aliased to o_ref: rows that no tile covers stay zero
     t, j = pl.program_id(0), pl.program_id(1)
     expert, row_start, row_end = sched_ref[0, t], sched_ref[1, t], sched_ref[2, t]
 
@@ -103,15 +102,15 @@ def _rows_call(x, w, group_sizes, *, transpose_w, cfg):
     kernel = functools.partial(_rows_kernel, n_contract=c, n_out=n, block_m=bm, block_n=block_n,
                                block_c=block_c, transpose_w=transpose_w,
                                precision=_common.dot_precision(x.dtype))
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         grid=(sched.shape[1], pl.cdiv(n, block_n)),
-        input_output_aliases={3: 0},
         compiler_params=_common.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="grouped_matmul_dx" if transpose_w else "grouped_matmul",
-    )(sched, x, w.astype(x.dtype), jnp.zeros((m, n), x.dtype))
+    )(sched, x, w.astype(x.dtype))
+    return _common.zero_uncovered_rows(out, group_sizes)
 
 
 def _dw_call(x, dy, group_sizes, e, w_dtype, cfg):
@@ -178,3 +177,22 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_
         return jnp.zeros((0, w.shape[2]), x.dtype)
     cfg = (block_m, block_n, block_k, num_warps, num_stages, interpret)
     return _grouped(x, w, group_sizes.astype(jnp.int32), cfg)
+
+
+def grouped_matmul_transposed(dy: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                              block_m: int | None = None, block_n: int = 128, block_k: int = 64,
+                              num_warps: int | None = None, num_stages: int | None = None,
+                              interpret: bool = False, implementation: str = "auto") -> jax.Array:
+    """``dx[r] = dy[r] @ w[e(r)]^T`` -> ``[M, K]`` for ``dy [M, N]``, ``w [E, K, N]``: the input
+    gradient of :func:`grouped_matmul` alone (QLoRA's backward through dequantized experts)."""
+    interpret = interpret or _common.interpreting()
+    impl = _common.resolve_implementation(implementation, interpret, "grouped_matmul_transposed")
+    if dy.ndim != 2 or w.ndim != 3 or dy.shape[1] != w.shape[2] or group_sizes.shape != (w.shape[0],):
+        raise ValueError(f"grouped_matmul_transposed: need dy [M, N], w [E, K, N] and group_sizes [E]; "
+                         f"got dy {tuple(dy.shape)}, w {tuple(w.shape)}, group_sizes {tuple(group_sizes.shape)}")
+    if impl == "xla":
+        return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2).astype(dy.dtype), group_sizes)
+    if dy.shape[0] == 0:
+        return jnp.zeros((0, w.shape[1]), dy.dtype)
+    cfg = (block_m, block_n, block_k, num_warps, num_stages, interpret)
+    return _rows_call(dy, w, group_sizes.astype(jnp.int32), transpose_w=True, cfg=cfg)

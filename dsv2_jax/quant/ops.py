@@ -52,13 +52,33 @@ def awq_linear(x: jax.Array, w: AWQWeight) -> jax.Array:
     rows = math.prod(lead)
     if not _use_kernels(w) or rows == 0:
         return awq_matmul_reference(x, w)
-    x2 = x.reshape(rows, w.in_features)
-    if rows <= FUSED_MAX_ROWS:
-        y = kernels.awq_matmul(x2, w, implementation="triton")
-    else:
-        wd = kernels.awq_dequant(w, x.dtype, implementation="triton")
-        y = jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x.dtype)
+    y = _kernel_linear(x.reshape(rows, w.in_features), w)
     return y.reshape(lead + (w.out_features,))
+
+
+# The kernel paths are differentiable in x (QLoRA trains adapters through the frozen packed
+# base): the backward dequantizes the weight once, on the device, and multiplies by its
+# transpose. The packed weight gets no gradient (it is never trained).
+
+
+@jax.custom_vjp
+def _kernel_linear(x2: jax.Array, w: AWQWeight) -> jax.Array:
+    if x2.shape[0] <= FUSED_MAX_ROWS:
+        return kernels.awq_matmul(x2, w, implementation="triton")
+    wd = kernels.awq_dequant(w, x2.dtype, implementation="triton")
+    return jnp.dot(x2, wd, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def _kernel_linear_fwd(x2, w):
+    return _kernel_linear(x2, w), w
+
+
+def _kernel_linear_bwd(w, dy):
+    wd = kernels.awq_dequant(w, dy.dtype, implementation="triton")
+    return jnp.dot(dy, wd.T, preferred_element_type=jnp.float32).astype(dy.dtype), None
+
+
+_kernel_linear.defvjp(_kernel_linear_fwd, _kernel_linear_bwd)
 
 
 def awq_grouped_linear(x_sorted: jax.Array, w: AWQWeight, group_sizes: jax.Array) -> jax.Array:
@@ -66,4 +86,22 @@ def awq_grouped_linear(x_sorted: jax.Array, w: AWQWeight, group_sizes: jax.Array
     ``[E, in, out/8]``, ``group_sizes`` int32 ``[E]`` -> ``[M, out]`` in ``x.dtype``."""
     if not _use_kernels(w):
         return awq_grouped_matmul_reference(x_sorted, w, group_sizes)
-    return kernels.awq_grouped_matmul(x_sorted, w, group_sizes, implementation="triton")
+    return _kernel_grouped(x_sorted, w, group_sizes)
+
+
+@jax.custom_vjp
+def _kernel_grouped(x, w, group_sizes):
+    return kernels.awq_grouped_matmul(x, w, group_sizes, implementation="triton")
+
+
+def _kernel_grouped_fwd(x, w, group_sizes):
+    return _kernel_grouped(x, w, group_sizes), (w, group_sizes)
+
+
+def _kernel_grouped_bwd(res, dy):
+    w, group_sizes = res
+    wd = kernels.awq_dequant(w, dy.dtype, implementation="triton")  # [E, in, out], one projection
+    return kernels.grouped_matmul_transposed(dy, wd, group_sizes, implementation="triton"), None, None
+
+
+_kernel_grouped.defvjp(_kernel_grouped_fwd, _kernel_grouped_bwd)
