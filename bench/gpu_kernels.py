@@ -12,7 +12,7 @@ For each linear and row count M it prints the time and achieved HBM bandwidth of
 - ``awq_linear``: whichever of the two the dispatch picks (FUSED_MAX_ROWS),
 
 and for the routed experts (64 experts, top-6, rows sorted by expert) ``ragged_dot`` on
-bf16 weights against the grouped kernel. GB/s counts the bytes that must cross HBM once
+bf16 weights against the dense grouped kernel (``grouped_matmul``) and the AWQ grouped kernel. GB/s counts the bytes that must cross HBM once
 (weights of the touched experts + x + y), so at small M it is the figure to compare with
 the H200's 4.8 TB/s. Each op runs ``reps`` times inside one jitted loop so that Python
 dispatch does not hide kernels of a few microseconds.
@@ -134,7 +134,7 @@ def bench_experts(rows, reps, impl, deadline):
     per_expert_awq = w.nbytes // N_EXPERTS
     print(f"\nrouted experts {N_EXPERTS} x [{EXPERT_IN}, {EXPERT_OUT}], top-{TOP_K}")
     print(f"{'tokens':>6}{'rows':>6}{'experts':>8} | {'ragged_dot bf16':>24} |"
-          f" {'awq_grouped_matmul':>24} | speedup")
+          f" {'grouped_matmul bf16':>24} | {'awq_grouped_matmul':>24} | speedup vs ragged_dot")
     for t in rows:
         if time.perf_counter() > deadline:
             print(f"{t:>6} skipped: time budget spent")
@@ -147,10 +147,13 @@ def bench_experts(rows, reps, impl, deadline):
         g = jnp.asarray(sizes)
         io = 2 * m * (EXPERT_IN + EXPERT_OUT)
         dense = time_op(lambda x, wd, g: jax.lax.ragged_dot(x, wd, g), x, wd, g, reps=reps)
+        kernel = time_op(lambda x, wd, g: kernels.grouped_matmul(x, wd, g, implementation=impl), x, wd, g,
+                         reps=reps)
         grouped = time_op(lambda x, w, g: kernels.awq_grouped_matmul(x, w, g, implementation=impl),
                           x, w, g, reps=reps)
-        print(f"{t:>6}{m:>6}{active:>8} | {fmt(dense, active * 2 * EXPERT_IN * EXPERT_OUT + io)} |"
-              f" {fmt(grouped, active * per_expert_awq + io)} | {dense / grouped:5.2f}x")
+        dense_bytes = active * 2 * EXPERT_IN * EXPERT_OUT + io
+        print(f"{t:>6}{m:>6}{active:>8} | {fmt(dense, dense_bytes)} | {fmt(kernel, dense_bytes)} |"
+              f" {fmt(grouped, active * per_expert_awq + io)} | {dense / kernel:5.2f}x / {dense / grouped:5.2f}x")
 
 
 def main(argv=None):

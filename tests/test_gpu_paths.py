@@ -9,8 +9,9 @@ gradient all-reduce that an unchecked shard_map must still insert.
 """
 
 import pytest
-
 from ep_cases import run
+
+pytestmark = pytest.mark.gpu  # the second test command (README): about 3 minutes
 from tiny import LITE, write_checkpoint
 
 CFG = dict(LITE, num_hidden_layers=2, first_k_dense_replace=0)  # two MoE layers, 8 experts, top-3

@@ -35,15 +35,18 @@ CASES = {
     "toy": (100, 96, 80, [30, 0, 25, 40, 0]),
     "one_expert": (16, 64, 128, [0, 16, 0]),
     "all_sentinel": (20, 32, 48, [0, 0]),
-    # V2-Lite gate/up (2048 -> 1408) and down (1408 -> 2048) with 4 experts, one of them empty
+}
+REAL = {
+    # V2-Lite gate/up (2048 -> 1408) and down (1408 -> 2048) with 4 experts, one of them empty;
+    # about 40 s in interpret mode: in the second test command (pytest -m gpu)
     "v2lite_up": (96, 2048, 1408, [40, 0, 33, 23]),
     "v2lite_down": (96, 1408, 2048, [7, 64, 0, 20]),
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=pytest.mark.gpu) for c in REAL)])
 def test_forward_and_gradients_match_numpy_and_ragged_dot(case):
-    m, k, n, sizes = CASES[case]
+    m, k, n, sizes = {**CASES, **REAL}[case]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / np.sqrt(k), jnp.float32)

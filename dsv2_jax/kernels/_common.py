@@ -137,13 +137,3 @@ def dot_precision(dtype):
     # (products of a 16-bit activation with an integer in [-15, 15]).
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
-
-def zero_uncovered_rows(out: jax.Array, group_sizes: jax.Array, axis: int = 0) -> jax.Array:
-    """Rows at or past ``sum(group_sizes)`` (no expert's; no kernel tile wrote them) -> 0.
-
-    A select after the kernel rather than a zero buffer aliased to its output: XLA may build
-    those zero buffers (copies of a broadcast constant, depending on nothing) for every layer
-    up front and hold them all at once (31 GiB of the V2-Lite training step on 8 H100s,
-    docs/figures.md#gpu-compile)."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, out.shape, axis)
-    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))

@@ -15,7 +15,7 @@ and read no weights.
 Grid ``(tiles, N tiles, split_k)``, tiles fastest, so the row tiles of one expert run
 next to each other and share its weight tiles in L2. The inner loop is the one of
 ``awq_matmul.py``: ``acc += (x_tile @ (q - z)) * s`` per K tile. Output rows that no
-tile covers (past ``sum(group_sizes)``) are set to zero afterwards, as ``ragged_dot`` leaves them.
+tile covers (past ``sum(group_sizes)``) stay zero, as ``ragged_dot`` leaves them.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
     return jnp.stack([expert, row_start, row_end]).astype(jnp.int32)
 
 
-def _grouped_kernel(sched_ref, x_ref, qw_ref, qz_ref, s_ref, o_ref, *, n_out,
+def _grouped_kernel(sched_ref, x_ref, qw_ref, qz_ref, s_ref, o_init_ref, o_ref, *, n_out,
                     block_m, block_n, block_k, group_size, tiles_per_split, precision):
+    del o_init_ref  # aliased to o_ref: only there so that uncovered rows start at zero
     t, nt, sk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     expert, row_start, row_end = sched_ref[0, t], sched_ref[1, t], sched_ref[2, t]
     bw = block_n // PACK
@@ -134,9 +135,9 @@ def awq_grouped_matmul(x: jax.Array, w: AWQWeight, group_sizes: jax.Array, *,
         kernel,
         out_shape=jax.ShapeDtypeStruct((split_k, m, n), out_dtype),
         grid=(num_tiles, n_tiles, split_k),
+        input_output_aliases={5: 0},
         compiler_params=_common.compiler_params(num_warps, num_stages, block_m),
         interpret=interpret,
         name="awq_grouped_matmul",
-    )(sched, x, w.qweight, w.qzeros, w.scales)
-    # rows no tile covers were never written: zeroed here (see _common.zero_uncovered_rows)
-    return _common.zero_uncovered_rows(out[0] if split_k == 1 else out.sum(axis=0).astype(x.dtype), group_sizes)
+    )(sched, x, w.qweight, w.qzeros, w.scales, jnp.zeros((split_k, m, n), out_dtype))
+    return out[0] if split_k == 1 else out.sum(axis=0).astype(x.dtype)

@@ -32,9 +32,10 @@ from dsv2_jax.kernels import _common
 from dsv2_jax.kernels.awq_grouped_matmul import tile_schedule
 
 
-def _rows_kernel(sched_ref, x_ref, w_ref, o_ref, *, n_contract, n_out, block_m, block_n,
+def _rows_kernel(sched_ref, x_ref, w_ref, o_init_ref, o_ref, *, n_contract, n_out, block_m, block_n,
                  block_c, transpose_w, precision):
     """o[rows of tile t, out tile j] = x[rows, :] @ w[e] (or w[e]^T), one expert per row tile."""
+    del o_init_ref  # aliased to o_ref: rows that no tile covers stay zero
     t, j = pl.program_id(0), pl.program_id(1)
     expert, row_start, row_end = sched_ref[0, t], sched_ref[1, t], sched_ref[2, t]
 
@@ -102,15 +103,15 @@ def _rows_call(x, w, group_sizes, *, transpose_w, cfg):
     kernel = functools.partial(_rows_kernel, n_contract=c, n_out=n, block_m=bm, block_n=block_n,
                                block_c=block_c, transpose_w=transpose_w,
                                precision=_common.dot_precision(x.dtype))
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         grid=(sched.shape[1], pl.cdiv(n, block_n)),
+        input_output_aliases={3: 0},
         compiler_params=_common.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="grouped_matmul_dx" if transpose_w else "grouped_matmul",
-    )(sched, x, w.astype(x.dtype))
-    return _common.zero_uncovered_rows(out, group_sizes)
+    )(sched, x, w.astype(x.dtype), jnp.zeros((m, n), x.dtype))
 
 
 def _dw_call(x, dy, group_sizes, e, w_dtype, cfg):
