@@ -115,3 +115,22 @@ def test_lowers_to_triton_for_cuda():
 
     text = jax.jit(f).trace(x, w, g, dy).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 3 and "ragged_dot(" not in text
+
+
+def test_router_dot_is_full_precision_whatever_the_default():
+    """The suite forces float32 matmuls to "highest" globally (conftest); a GPU run does not,
+    and TF32 rounding of the router logits flips top-k choices near ties. The router asks for
+    HIGHEST itself: its dot keeps that precision under a bf16 default, for the CPU and CUDA."""
+    from flax import nnx
+
+    from dsv2_jax.moe import Router
+
+    router = Router(64, 8, rngs=nnx.Rngs(0))
+    x = jax.ShapeDtypeStruct((4, 64), jnp.bfloat16)
+    with jax.default_matmul_precision("bfloat16"):
+        for platform in ("cpu", "cuda"):
+            text = jax.jit(lambda x: router(x)).trace(x).lower(lowering_platforms=(platform,)).as_text()
+            dots = [line for line in text.splitlines() if "dot_general" in line]
+            assert dots and all("HIGHEST" in line for line in dots), dots
+        other = jax.jit(lambda x: x.astype(jnp.float32) @ router.weight[...]).trace(x).lower().as_text()
+        assert "HIGHEST" not in other  # the control: a plain dot follows the default
