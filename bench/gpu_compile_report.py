@@ -32,20 +32,6 @@ EXPERTS = [("expert gate/up", 2048, 1408), ("expert down", 1408, 2048)]
 ROWS = (1, 8, 64, 512)
 
 
-def awq_abstract(mesh, k, n, g=64, stack=None):
-    import jax
-    import jax.numpy as jnp
-
-    from dsv2_jax import gpu_aot
-    from dsv2_jax.quant.awq import AWQWeight
-
-    lead = () if stack is None else (stack,)
-    S = jax.ShapeDtypeStruct
-    w = AWQWeight(S(lead + (k, n // 8), jnp.int32), S(lead + (k // g, n // 8), jnp.int32),
-                  S(lead + (k // g, n), jnp.float16), group_size=g, in_features=k, out_features=n)
-    return gpu_aot.abstract(w, mesh)
-
-
 def kernel_table(target="h200"):
     import jax
     import jax.numpy as jnp
@@ -65,12 +51,12 @@ def kernel_table(target="h200"):
     pallas = {"awq_matmul", "awq_dequant", "awq_grouped_matmul", "grouped_matmul", "grouped_matmul_dx",
               "grouped_matmul_dw"}
     for name, k, n in LINEARS:
-        w = awq_abstract(mesh, k, n)
+        w = gpu_aot.abstract_awq(mesh, k, n)
         for m in ROWS:
             x = gpu_aot.abstract(S((m, k), jnp.bfloat16), mesh)
             add(f"AWQ {name} {k}→{n}", m, gpu_aot.compile(ops.awq_linear, x, w, kernels=True), pallas)
     for name, k, n in EXPERTS:
-        w = awq_abstract(mesh, k, n, stack=64)
+        w = gpu_aot.abstract_awq(mesh, k, n, stack=64)
         wd = gpu_aot.abstract(S((64, k, n), jnp.bfloat16), mesh)
         g = gpu_aot.abstract(S((64,), jnp.int32), mesh)
         for m in ROWS:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -82,18 +83,26 @@ def mesh(target: str = "h200", devices: int = 1, axes: tuple[str, ...] = ("x",),
 
     check_installed()
     shape = (devices,) if shape is None else tuple(shape)
-    if len(shape) != len(axes) or _prod(shape) != devices:
+    if len(shape) != len(axes) or math.prod(shape) != devices:
         raise ConfigError(f"gpu_aot.mesh: shape {shape} over axes {axes} does not hold {devices} devices")
     topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target),
                                         topology=f"1x1x{devices}")
     return topologies.make_mesh(topo, shape, axes)
 
 
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
+def abstract_awq(mesh: jax.sharding.Mesh, in_features: int, out_features: int, *, stack: int | None = None,
+                 group_size: int = 64):
+    """An abstract AutoAWQ GEMM weight ``[in, out]`` (or ``stack`` of them) replicated on ``mesh``."""
+    import jax.numpy as jnp
+
+    from .quant.awq import AWQWeight
+
+    lead = () if stack is None else (stack,)
+    k, n, g = in_features, out_features, group_size
+    S = jax.ShapeDtypeStruct
+    w = AWQWeight(S(lead + (k, n // 8), jnp.int32), S(lead + (k // g, n // 8), jnp.int32),
+                  S(lead + (k // g, n), jnp.float16), group_size=g, in_features=k, out_features=n)
+    return abstract(w, mesh)
 
 
 def abstract(tree, mesh: jax.sharding.Mesh, specs=None):

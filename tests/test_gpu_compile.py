@@ -28,16 +28,6 @@ def mesh():
     return gpu_aot.mesh("h200")
 
 
-def awq_weight(mesh, k, n, stack=None, g=64):
-    from dsv2_jax.quant.awq import AWQWeight
-
-    lead = () if stack is None else (stack,)
-    S = jax.ShapeDtypeStruct
-    w = AWQWeight(S(lead + (k, n // 8), jnp.int32), S(lead + (k // g, n // 8), jnp.int32),
-                  S(lead + (k // g, n), jnp.float16), group_size=g, in_features=k, out_features=n)
-    return gpu_aot.abstract(w, mesh)
-
-
 def check_kernels(report, expect):
     names = [k.name for k in report.kernels]
     assert set(expect) <= set(names), names
@@ -59,7 +49,7 @@ LINEARS = {"q_proj": (2048, 3072), "kv_a": (2048, 576), "kv_b": (512, 4096), "o_
 def test_awq_linear_kernels_compile_without_spills(mesh, name, m):
     k, n = LINEARS[name]
     x = gpu_aot.abstract(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), mesh)
-    report = gpu_aot.compile(ops.awq_linear, x, awq_weight(mesh, k, n), kernels=True)
+    report = gpu_aot.compile(ops.awq_linear, x, gpu_aot.abstract_awq(mesh, k, n), kernels=True)
     check_kernels(report, ["awq_matmul"] if m <= ops.FUSED_MAX_ROWS else ["awq_dequant"])
 
 
@@ -71,7 +61,7 @@ def test_routed_expert_kernels_compile_without_spills(mesh, k, n, m):
     S = jax.ShapeDtypeStruct
     x, g, dy = gpu_aot.abstract((S((6 * m, k), jnp.bfloat16), S((64,), jnp.int32), S((6 * m, n), jnp.bfloat16)),
                                 mesh)
-    report = gpu_aot.compile(ops.awq_grouped_linear, x, awq_weight(mesh, k, n, stack=64), g, kernels=True)
+    report = gpu_aot.compile(ops.awq_grouped_linear, x, gpu_aot.abstract_awq(mesh, k, n, stack=64), g, kernels=True)
     check_kernels(report, ["awq_grouped_matmul"])
 
     def fwd_bwd(x, w, g, dy):

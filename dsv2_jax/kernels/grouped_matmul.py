@@ -164,20 +164,29 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, block_
     to [16, 64]; ``block_k`` tiles the contraction, ``block_n`` the output columns.
     ``implementation``: 'auto' (Triton on GPU, ``ragged_dot`` elsewhere), 'triton', 'xla'.
     """
-    interpret = interpret or _common.interpreting()
-    impl = _common.resolve_implementation(implementation, interpret, "grouped_matmul")
-    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[1] or group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"grouped_matmul: need x [M, K], w [E, K, N] and group_sizes [E]; got x "
-                         f"{tuple(x.shape)}, w {tuple(w.shape)}, group_sizes {tuple(group_sizes.shape)}")
+    impl, cfg = _checked("grouped_matmul", x, w.shape[1], w, group_sizes, implementation, interpret,
+                         (block_m, block_n, block_k, num_warps, num_stages))
     if impl == "xla":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    for name, b in (("block_n", block_n), ("block_k", block_k)):
-        if not (_common.is_pow2(b) and b >= 16):
-            raise ValueError(f"grouped_matmul: {name}={b} must be a power of two >= 16")
     if x.shape[0] == 0:
         return jnp.zeros((0, w.shape[2]), x.dtype)
-    cfg = (block_m, block_n, block_k, num_warps, num_stages, interpret)
     return _grouped(x, w, group_sizes.astype(jnp.int32), cfg)
+
+
+def _checked(fn, rows, contract, w, group_sizes, implementation, interpret, tiles):
+    """The implementation to run and the kernels' static config, after checking the shapes
+    (``rows [M, contract]`` against ``w [E, K, N]``) and the tile sizes."""
+    interpret = interpret or _common.interpreting()
+    impl = _common.resolve_implementation(implementation, interpret, fn)
+    if rows.ndim != 2 or w.ndim != 3 or rows.shape[1] != contract or group_sizes.shape != (w.shape[0],):
+        want = "x [M, K]" if fn == "grouped_matmul" else "dy [M, N]"
+        raise ValueError(f"{fn}: need {want}, w [E, K, N] and group_sizes [E]; got {want.split()[0]} "
+                         f"{tuple(rows.shape)}, w {tuple(w.shape)}, group_sizes {tuple(group_sizes.shape)}")
+    block_m, block_n, block_k, num_warps, num_stages = tiles
+    for name, b in (("block_n", block_n), ("block_k", block_k)):
+        if not (_common.is_pow2(b) and b >= 16):
+            raise ValueError(f"{fn}: {name}={b} must be a power of two >= 16")
+    return impl, (block_m, block_n, block_k, num_warps, num_stages, interpret)
 
 
 def grouped_matmul_transposed(dy: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
@@ -186,14 +195,10 @@ def grouped_matmul_transposed(dy: jax.Array, w: jax.Array, group_sizes: jax.Arra
                               interpret: bool = False, implementation: str = "auto") -> jax.Array:
     """``dx[r] = dy[r] @ w[e(r)]^T`` -> ``[M, K]`` for ``dy [M, N]``, ``w [E, K, N]``: the input
     gradient of :func:`grouped_matmul` alone (QLoRA's backward through dequantized experts)."""
-    interpret = interpret or _common.interpreting()
-    impl = _common.resolve_implementation(implementation, interpret, "grouped_matmul_transposed")
-    if dy.ndim != 2 or w.ndim != 3 or dy.shape[1] != w.shape[2] or group_sizes.shape != (w.shape[0],):
-        raise ValueError(f"grouped_matmul_transposed: need dy [M, N], w [E, K, N] and group_sizes [E]; "
-                         f"got dy {tuple(dy.shape)}, w {tuple(w.shape)}, group_sizes {tuple(group_sizes.shape)}")
+    impl, cfg = _checked("grouped_matmul_transposed", dy, w.shape[2], w, group_sizes, implementation,
+                         interpret, (block_m, block_n, block_k, num_warps, num_stages))
     if impl == "xla":
         return jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2).astype(dy.dtype), group_sizes)
     if dy.shape[0] == 0:
         return jnp.zeros((0, w.shape[1]), dy.dtype)
-    cfg = (block_m, block_n, block_k, num_warps, num_stages, interpret)
     return _rows_call(dy, w, group_sizes.astype(jnp.int32), transpose_w=True, cfg=cfg)
