@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 import dsv2_jax
@@ -46,8 +47,9 @@ def quantized(outlier_model, tmp_path_factory):
 
 
 def heldout_log_probs(folder, windows):
-    model = dsv2_jax.load(folder, dtype="float32")
-    return np.concatenate([np.asarray(jax.nn.log_softmax(model(jnp.asarray(windows[i:i + 8, :-1])), -1))
+    graphdef, state = nnx.split(dsv2_jax.load(folder, dtype="float32"))
+    log_probs = jax.jit(lambda state, ids: jax.nn.log_softmax(nnx.merge(graphdef, state)(ids), -1))
+    return np.concatenate([np.asarray(log_probs(state, jnp.asarray(windows[i:i + 8, :-1])))
                            for i in range(0, len(windows), 8)])
 
 

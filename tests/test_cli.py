@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny import write_tokenized_checkpoint
+from tiny import stderr_lines, write_tokenized_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_bad_input_is_one_clear_line(model_dir, args, pattern):
     r = _run(*args)
     assert r.returncode == 2
     assert pattern in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert len(stderr_lines(r.stderr)) == 1, r.stderr
 
 
 def test_prompt_longer_than_context(model_dir, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny import write_tokenized_checkpoint
+from tiny import stderr_lines, write_tokenized_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_bad_mesh_is_one_clear_line(model_dir, args, pattern):
     rc, _, err = _finish(_start(2, "--model", str(model_dir), *args))
     assert rc == 2, err
     assert pattern in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert len(stderr_lines(err)) == 1
 
 
 def test_two_processes_print_json_on_stdout_and_logs_on_stderr(model_dir):

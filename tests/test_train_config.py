@@ -11,6 +11,7 @@ import yaml
 import train.run
 from dsv2_jax.training.config import ConfigError, load_config
 from dsv2_jax.training.testing import write_tiny_run
+from tiny import stderr_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,13 +99,13 @@ def test_cli_error_is_one_line_exit_2_before_compiling(tmp_path):
                         "batch.global_batch=6", "batch.micro_batch=4"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == ("error: batch.global_batch = 6: not divisible by "
+    assert "\n".join(stderr_lines(r.stderr)) == ("error: batch.global_batch = 6: not divisible by "
                                 "batch.micro_batch (4)")
     assert not (tmp_path / "tiny").exists()  # nothing was written, let alone compiled
     r = subprocess.run([sys.executable, "-m", "train.run", "--config", str(path), "--resume"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: --resume: no checkpoints in ")
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and stderr_lines(r.stderr)[0].startswith("error: --resume: no checkpoints in ")
+    assert len(stderr_lines(r.stderr)) == 1
     print(f"two CLI errors in {time.time() - t0:.1f}s")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dsv2_jax.training.metrics import read_metrics
 from dsv2_jax.training.testing import write_tiny_run
+from tiny import stderr_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = ("loss", "ce", "balance_loss", "grad_norm", "lr", "target_tokens",
@@ -125,7 +126,7 @@ def test_a_run_directory_of_another_model_and_an_override_typo(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run(train_cmd(cfg, "model.overrides.hidden_size=64"), env)
     assert r.returncode == 2 and "model.overrides.hidden_size = 64" in r.stderr
-    assert "cannot resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "cannot resume" in r.stderr and len(stderr_lines(r.stderr)) == 1
     r = run(train_cmd(cfg, "model.overrides.hiden_size=64"), env)
     assert r.returncode == 2 and "hiden_size" in r.stderr and "cannot resume" not in r.stderr
     assert "Traceback" not in r.stderr

@@ -41,3 +41,13 @@ def write_tokenized_checkpoint(folder, seed: int = 0, dtype=np.float32):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(deepseek_v2_tokenizer_folder() / f, d / f)
     return d
+
+
+# What the CUDA PJRT plugin (the gpu-compile extra) prints when a process imports JAX on a machine
+# without a GPU, before any of our code runs: not part of a CLI's own output.
+_PLUGIN_NOISE = ("absl::InitializeLog()", "cudart_stub.cc", "cuda_plugin_extension is not found")
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    """A subprocess's stderr lines, less the CUDA plugin's start-up notices."""
+    return [ln for ln in stderr.strip().splitlines() if not any(n in ln for n in _PLUGIN_NOISE)]
