@@ -73,6 +73,26 @@ def test_routed_expert_kernels_compile_without_spills(mesh, k, n, m):
     check_kernels(report, ["grouped_matmul", "grouped_matmul_dx", "grouped_matmul_dw"])
 
 
+@pytest.mark.parametrize("t", [4096, 16384])
+def test_mla_attention_kernels_compile_without_spills(mesh, t):
+    """The flash-attention kernels (forward, dk/dv, dq) at V2-Lite's 16 heads, nope/v 128, rope 64,
+    bf16, one T-token packed row: no spill, and no [T, T] buffer (temporaries well under the
+    16 heads × T² × 4 B of materialised scores: 1 GiB at 4K, 16 GiB at 16K)."""
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = gpu_aot.abstract((S((1, t, 16, 128), bf), S((1, t, 16, 64), bf), S((1, t, 16, 128), bf),
+                             S((1, t, 64), bf), S((1, t, 16, 128), bf), S((1, t), jnp.int32)), mesh)
+
+    def fwd_bwd(qn, qp, kn, kp, v, seg):
+        y, vjp = jax.vjp(lambda *a: kernels.mla_attention(*a, seg, scale=0.1, implementation="triton"),
+                         qn, qp, kn, kp, v)
+        return y, vjp(y)
+
+    report = gpu_aot.compile(fwd_bwd, *args, kernels=True)
+    print(f"attention fwd+bwd T={t}:", report.memory.gib())
+    check_kernels(report, ["mla_attention_fwd", "mla_attention_dkdv", "mla_attention_dq"])
+    assert report.memory.temporaries <= 16 * t * 64 * 4 * 4  # a few [heads, T, 64] f32 statistics
+
+
 def test_moe_layer_forward_backward_is_dropless_not_padded():
     """One MoE layer, bf16, 4,096 tokens, forward + backward on one H200 (was 18.2 GiB of
     temporaries with ragged_dot padded to all 64 experts)."""
