@@ -153,7 +153,14 @@ class Linear(nnx.Module):
         w = self.weight[...].astype(self.dtype)
         if x.dtype != jnp.float32 and w.size * 4 > _CPU_UPCAST_LIMIT and not backend.on_gpu():
             return _dot_in_column_chunks(x, w)
-        return jnp.dot(x, w)
+        return rows_dot(x, w)
+
+
+def rows_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out] as one 2-D product over the flattened rows. The same values as
+    ``jnp.dot(x, w)``, but the weight gradient contracts a single row axis: XLA's CPU backend
+    runs the [B, T, in] form's backward 2.6x slower (bench/train_vs_hf.py, docs/figures.md)."""
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 # XLA's CPU backend converts a bf16/fp16 dot's weight to float32 first: a full-size temporary

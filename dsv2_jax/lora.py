@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from .errors import CheckpointError, ConfigError
+from .layers import rows_dot
 
 # Hub leaf names of the linears an adapter may sit on: the attention's. For the MLP names
 # (gate_proj, up_proj, down_proj) PEFT 0.21 on transformers 5 adapts the fused routed experts
@@ -105,7 +106,7 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-        return (x @ a) @ b * jnp.asarray(self.scaling, x.dtype)
+        return rows_dot(rows_dot(x, a), b) * jnp.asarray(self.scaling, x.dtype)
 
     def delta(self) -> jax.Array:
         """The adapter as a dense ``[in, out]`` float32 update."""

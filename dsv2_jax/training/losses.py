@@ -27,8 +27,12 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets: expected shape {logits.shape[:-1]} (logits {logits.shape}), "
                          f"got {targets.shape}")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    # log-sum-exp minus the target's logit, the target picked by a compare with an iota rather
+    # than a gather: the gradient (softmax - one-hot) is then one elementwise pass, where a
+    # gather's transpose scatters into a zeroed [B, T, V] buffer (bench/train_vs_hf.py).
+    hit = jnp.arange(logits.shape[-1]) == targets[..., None]
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     if loss_mask is None:
         mask = jnp.ones(targets.shape, jnp.float32)
     else:

@@ -161,7 +161,10 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
         n_exp = max(config.n_routed_experts, 1)
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0),
                 jnp.zeros((n_moe, n_exp), jnp.float32))
-        (grads, loss, ce_sum, bal, loads), _ = jax.lax.scan(body, init, batch)
+        if accum == 1:  # no loop: XLA optimises across the whole step
+            (grads, loss, ce_sum, bal, loads), _ = body(init, jax.tree.map(lambda a: a[0], batch))
+        else:
+            (grads, loss, ce_sum, bal, loads), _ = jax.lax.scan(body, init, batch)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
