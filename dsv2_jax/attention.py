@@ -9,6 +9,11 @@ query, rescaled as each block arrives) and rebuilds each block's mask from the s
 The scan body is rematerialised, so the backward pass too holds one block at a time. Equal to
 the materialised form within float rounding (tests/test_attention.py).
 
+The same online softmax (:func:`online_init`, :func:`online_update`, :func:`online_finish`)
+serves the cache: a prefill chunk walks the filled cache slots block by block, and a decode
+step walks only the blocks filled so far (``mla.py``). Over cache slots the mask is a
+:class:`SlotMask`, two small arrays from which any block of the [B, T, S] mask is rebuilt.
+
 Example::
 
     mask = SegmentMask(segments)                 # [B, T] document number of each token
@@ -42,6 +47,64 @@ class SegmentMask:
 jax.tree_util.register_dataclass(SegmentMask, data_fields=["segments"], meta_fields=[])
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotMask:
+    """Causal attention over ``length`` cache slots: query t (written at slot ``q_slot[t]``)
+    sees slot j when j <= q_slot[t] and ``real[b, j]`` (False for left padding; None: every
+    slot is real). Nothing of size B × T × S is built until :meth:`dense` is asked for."""
+
+    q_slot: jax.Array  # [T] int32
+    real: jax.Array | None  # [B, S] bool
+    batch: int
+    length: int
+
+    def block(self, start, size: int) -> jax.Array:
+        """The [B, T, size] bool mask of slots ``start + [0, size)`` (``start`` may be traced)."""
+        keys = start + jnp.arange(size)
+        causal = keys[None, :] <= self.q_slot[:, None]  # [T, size]
+        mask = jnp.broadcast_to(causal, (self.batch, *causal.shape))
+        if self.real is not None:
+            mask = mask & jax.lax.dynamic_slice_in_dim(self.real, start, size, axis=1)[:, None, :]
+        return mask
+
+    def dense(self) -> jax.Array:
+        """The whole [B, T, S] bool mask."""
+        return self.block(0, self.length)
+
+    def filled(self) -> jax.Array:
+        """Slots any query may see: ``[0, filled)`` (int32 scalar, traced)."""
+        return self.q_slot.max() + 1
+
+
+jax.tree_util.register_dataclass(SlotMask, data_fields=["q_slot", "real"], meta_fields=["batch", "length"])
+
+
+def online_init(b: int, nh: int, t: int, dv: int):
+    """The online-softmax carry before any key block: running max, normaliser, output (float32)."""
+    f32 = jnp.float32
+    return (jnp.full((b, nh, t), -jnp.inf, f32), jnp.zeros((b, nh, t), f32), jnp.zeros((b, nh, t, dv), f32))
+
+
+def online_update(carry, s, values, spec: str):
+    """Fold one key block in: ``s`` [B, nh, T, block] float32 scores (scaled, masked to
+    NEG_INF), ``values`` of that block, ``spec`` the einsum of probabilities and values that
+    gives [B, nh, T, dv]. Earlier blocks are rescaled by exp(old max - new max)."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l = l * correction + p.sum(axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum(spec, p.astype(values.dtype), values,
+                                                   preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+
+def online_finish(carry) -> jax.Array:
+    """The attended values [B, nh, T, dv] (float32) once every key block is in."""
+    _, l, acc = carry
+    return acc / l[..., None]
+
+
 def blockwise_attention(q_nope, q_pe, k_nope, k_pe, v, mask: SegmentMask, scale: float,
                         block: int = 512, dtype=None) -> jax.Array:
     """softmax((q_nope·k_nopeᵀ + q_pe·k_peᵀ) · scale, masked) · v, one key block at a time.
@@ -68,24 +131,14 @@ def blockwise_attention(q_nope, q_pe, k_nope, k_pe, v, mask: SegmentMask, scale:
 
     @jax.checkpoint
     def step(carry, xs):
-        m, l, acc = carry  # [B, nh, T], [B, nh, T], [B, nh, T, dv] float32
         kn, kp, vb, ks, kpos = xs
         s = jnp.einsum("btnd,bsnd->bnts", q_nope, kn, preferred_element_type=f32)
         s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
         allowed = (kpos[None, None, :] <= q_pos[None, :, None]) & (seg[:, :, None] == ks[:, None, :])
         s = jnp.where(allowed[:, None], s * scale, NEG_INF)  # [B, nh, T, block]
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None])
-        l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bnts,bsnd->bntd", p.astype(vb.dtype), vb,
-                                                       preferred_element_type=f32)
-        return (m_new, l, acc), None
+        return online_update(carry, s, vb, "bnts,bsnd->bntd"), None
 
-    init = (jnp.full((b, nh, t), -jnp.inf, f32), jnp.zeros((b, nh, t), f32),
-            jnp.zeros((b, nh, t, v.shape[-1]), f32))
     xs = (blocks(k_nope), blocks(k_pe), blocks(v), jnp.moveaxis(key_seg.reshape(b, n_blocks, block), 1, 0),
           key_pos.reshape(n_blocks, block))
-    (m, l, acc), _ = jax.lax.scan(step, init, xs)
-    out = acc / l[..., None]  # [B, nh, T, dv]
-    return jnp.moveaxis(out, 1, 2).astype(dtype)
+    carry, _ = jax.lax.scan(step, online_init(b, nh, t, v.shape[-1]), xs)
+    return jnp.moveaxis(online_finish(carry), 1, 2).astype(dtype)  # [B, T, nh, dv]

@@ -17,14 +17,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import SegmentMask, blockwise_attention
+from . import backend, kernels
+from .attention import (
+    NEG_INF,
+    SegmentMask,
+    SlotMask,
+    blockwise_attention,
+    online_finish,
+    online_init,
+    online_update,
+)
 from .cache import LayerCache
 from .config import DeepseekV2Config
-from .layers import Linear, RMSNorm
+from .layers import Linear, RMSNorm, rows_dot
 from .rope import apply_rope
 
-_NEG_INF = -1e30  # finite so fully masked rows (padding) give zeros, not NaNs
 BLOCK = 512  # key block of the blockwise form; shorter sequences take the materialised one
+DECODE_BLOCKS = (512, 256, 128)  # slots per step of the filled-slots decode loop: the first dividing S
 
 
 class AttentionMode(enum.Enum):
@@ -34,8 +43,8 @@ class AttentionMode(enum.Enum):
     """
 
     SELF = "self"  # the T tokens themselves, materialised: training, scoring, a first prefill chunk
-    CACHE = "cache"  # every cache slot, materialised: later prefill chunks (mask [B, T, S])
-    LATENT = "latent"  # every cache slot in latent space, absorbed: decode (mask [B, T, S])
+    CACHE = "cache"  # the cache slots, materialised: later prefill chunks (mask [B, T, S] / SlotMask)
+    LATENT = "latent"  # the cache slots in latent space, absorbed: decode (mask [B, T, S] / SlotMask)
 
 
 class MLA(nnx.Module):
@@ -108,38 +117,102 @@ class MLA(nnx.Module):
             if cache is None:
                 raise ValueError(f"MLA: attention mode {mode.name} needs a cache")
             c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
-        attend = self._absorbed if mode is AttentionMode.LATENT else self._materialised
-        out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [B, T, nh, v]
-        return out.reshape(*x.shape[:2], -1), cache
+        if mode is AttentionMode.LATENT:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        elif isinstance(mask, SlotMask) and mask.length > BLOCK and mask.length % BLOCK == 0:
+            out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._materialised(q_nope, q_pe, c_kv, k_pe, mask)
+        return out.reshape(*x.shape[:2], -1), cache  # out: [B, T, nh, v]
 
     def _softmax(self, scores, mask):
-        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, _NEG_INF)
+        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, NEG_INF)
         return jax.nn.softmax(scores, axis=-1).astype(self.dtype)
 
     def _materialised(self, q_nope, q_pe, c_kv, k_pe, mask):
         """mask: [B, T, S] bool, or a SegmentMask (causal within packed documents, training):
-        past ``BLOCK`` tokens that one runs blockwise, never holding [B, nh, T, T] scores."""
+        past ``BLOCK`` tokens that one runs blockwise, never holding [B, nh, T, T] scores (on
+        GPU in the Pallas kernel ``kernels.mla_attention``, elsewhere as a scan in JAX)."""
         cfg = self.cfg
-        kv = jnp.einsum("bsr,rnd->bsnd", c_kv, self.kv_b_weight(after=c_kv))  # [B, S, nh, 256]
+        w = self.kv_b_weight(after=c_kv)
+        kv = rows_dot(c_kv, w.reshape(w.shape[0], -1)).reshape(*c_kv.shape[:2], *w.shape[1:])  # [B, S, nh, 256]
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
         if isinstance(mask, SegmentMask):
             if q_nope.shape[1] > BLOCK:
+                if backend.on_gpu():  # flash attention in Pallas: forward and backward kernels
+                    out = kernels.mla_attention(q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), v,
+                                                mask.segments, scale=cfg.softmax_scale, implementation="triton")
+                    return out.astype(self.dtype)
                 return blockwise_attention(q_nope, q_pe, k_nope, k_pe, v, mask, cfg.softmax_scale,
                                            BLOCK, self.dtype)
             mask = mask.dense()
-        f32 = jnp.float32
-        scores = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
-        scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
+        elif isinstance(mask, SlotMask):
+            mask = mask.dense()
+        # Heads first, nope and rope parts in one 192-wide product: with the head axis leading,
+        # XLA's CPU backend runs these batched products and their gradients ~2x faster than
+        # over [B, T, nh, d] operands (bench/train_vs_hf.py, docs/figures.md#training-speed).
+        heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, L, nh, d] -> [B, nh, L, d]
+        k_pe = jnp.broadcast_to(k_pe[:, :, None].astype(k_nope.dtype), (*k_nope.shape[:3], k_pe.shape[-1]))
+        q = heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))
+        k = heads_first(jnp.concatenate([k_nope, k_pe], axis=-1))
+        scores = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32)
         p = self._softmax(scores, mask)  # [B, nh, T, S]
-        return jnp.einsum("bnts,bsnd->btnd", p, v)
+        return heads_first(jnp.einsum("bnts,bnsd->bntd", p, heads_first(v)))  # [B, T, nh, v]
+
+    def _materialised_blocks(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask):
+        """A prefill chunk over the filled cache slots, one key block of ``BLOCK`` slots at a
+        time (online softmax): each block's latents are expanded through ``kv_b_proj`` as the
+        block arrives and dropped after it, so memory is O(T · BLOCK) per head, not O(T · S),
+        and no [B, T, S] mask exists.
+
+        Why re-expand rather than attend to the cached prefix in latent space (absorbed)? Per
+        query-key pair, V2-Lite's materialised scores and values cost 2 · 16 · (192 + 128) =
+        10.2 kFLOP and the absorbed ones 2 · 16 · (576 + 512) = 34.8 kFLOP; expanding a cached
+        latent costs 2 · 512 · 16 · 256 = 4.2 MFLOP, shared by the chunk's T queries (8.2 kFLOP
+        per pair at T = 512). So expanding again is cheaper than absorbing for any chunk of
+        more than ~170 tokens, and keeping the expanded keys would cost 7× the latent cache's
+        memory. A whole prompt in one chunk (the first chunk, ``SELF``) expands nothing twice.
+        """
+        cfg = self.cfg
+        b, t, nh, _ = q_nope.shape
+        w = self.kv_b_weight(after=c_kv)
+        f32 = jnp.float32
+
+        def step(carry, start):
+            ck = jax.lax.dynamic_slice_in_dim(c_kv, start, BLOCK, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, BLOCK, axis=1)
+            kv = jnp.einsum("bsr,rnd->bsnd", ck, w)  # [B, BLOCK, nh, 256]
+            k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+            s = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
+            s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
+            s = jnp.where(mask.block(start, BLOCK)[:, None], s * cfg.softmax_scale, NEG_INF)
+            return online_update(carry, s, v, "bnts,bsnd->bntd"), None
+
+        starts = jnp.arange(0, mask.length, BLOCK, dtype=jnp.int32)
+        carry, _ = jax.lax.scan(step, online_init(b, nh, t, cfg.v_head_dim), starts)
+        return jnp.moveaxis(online_finish(carry), 1, 2).astype(self.dtype)  # [B, T, nh, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention in latent space. With a :class:`SlotMask` on the CPU only the cache blocks
+        filled so far are read (a loop whose trip count is traced, over blocks of the first of
+        ``DECODE_BLOCKS`` that divides S), each block once for both scores and values: a decode
+        step costs what its context holds, not what the cache has room for. On GPU one fused
+        pass over the allocated slots stays: each loop step there would be a few kernel
+        launches of microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs
+        of H200 bandwidth (reasoned, not measured on a GPU)."""
         cfg = self.cfg
         w = self.kv_b_weight(after=q_nope)
         w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
         f32 = jnp.float32
         q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
         q_lat = q_lat.astype(self.dtype)  # [B, T, nh, r]
+        if isinstance(mask, SlotMask):
+            block = next((n for n in DECODE_BLOCKS if mask.length % n == 0), mask.length)
+            if backend.on_gpu() or block == mask.length:
+                mask = mask.dense()
+            else:
+                o_lat = self._latent_blocks(q_lat, q_pe, c_kv, k_pe, mask, block)
+                return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
         scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv, preferred_element_type=f32)
         scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
         p = self._softmax(scores, mask)
@@ -148,3 +221,22 @@ class MLA(nnx.Module):
         o_lat = jnp.einsum("bnts,bsr->bntr", p, c_kv, preferred_element_type=f32)
         o_lat = jnp.swapaxes(o_lat, 1, 2).astype(self.dtype)
         return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
+
+    def _latent_blocks(self, q_lat, q_pe, c_kv, k_pe, mask: SlotMask, block: int):
+        """Absorbed attention over slots ``[0, mask.filled())`` only, ``block`` slots per step
+        of a loop with a traced trip count: [B, T, nh, r] attended latents (compute dtype)."""
+        b, t, nh, r = q_lat.shape
+        f32 = jnp.float32
+
+        def body(i, carry):
+            start = i * block
+            ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1)
+            s = jnp.einsum("btnr,bsr->bnts", q_lat, ck, preferred_element_type=f32)
+            s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
+            s = jnp.where(mask.block(start, block)[:, None], s * self.cfg.softmax_scale, NEG_INF)
+            return online_update(carry, s, ck, "bnts,bsr->bntr")
+
+        n_blocks = (mask.filled() + block - 1) // block
+        carry = jax.lax.fori_loop(0, n_blocks, body, online_init(b, nh, t, r))
+        return jnp.swapaxes(online_finish(carry), 1, 2).astype(self.dtype)

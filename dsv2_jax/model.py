@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import SlotMask
 from .cache import KVCache
 from .config import DeepseekV2Config
 from .layers import Embed, Linear, RMSNorm, as_dtype
@@ -121,8 +122,10 @@ class DeepseekV2(nnx.Module):
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if mask is None:
-            over_cache = None if mode is AttentionMode.SELF else cache
-            mask = causal_mask(b, t, over_cache, cache_index, attention_mask, attend_len)
+            if mode is AttentionMode.SELF:
+                mask = causal_mask(b, t, attention_mask=attention_mask)
+            else:  # rebuilt block by block where the attention runs blockwise
+                mask = slot_mask(b, t, cache, cache_index, attention_mask, attend_len)
         cos, sin = cos_sin(self.config, positions)
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
@@ -148,16 +151,20 @@ class DeepseekV2(nnx.Module):
         )
 
 
+def slot_mask(b, t, cache: KVCache, cache_index, attention_mask=None, attend_len=None) -> SlotMask:
+    """Over the cache (or its first ``attend_len`` slots): the query at slot
+    ``cache_index + i`` sees slot j <= it, and only real tokens (``attention_mask`` [B, S])."""
+    s = attend_len or cache.max_len
+    q_slot = (cache_index + jnp.arange(t)).astype(jnp.int32)
+    real = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+    if real is not None and real.shape != (b, s):
+        raise ValueError(f"attention_mask: expected [batch, cache slots] = {(b, s)}, got {real.shape}")
+    return SlotMask(q_slot, real, b, s)
+
+
 def causal_mask(b, t, cache=None, cache_index=None, attention_mask=None, attend_len=None) -> jax.Array:
     """[B, T, S] bool: query slot i sees key slot j <= i (and only real tokens)."""
-    if cache is None:
-        q_slot = jnp.arange(t)
-        s = t
-    else:
-        q_slot = cache_index + jnp.arange(t)
-        s = attend_len or cache.max_len
-    mask = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-    mask = jnp.broadcast_to(mask, (b, t, s))
-    if attention_mask is not None:
-        mask = mask & jnp.asarray(attention_mask, bool)[:, None, :]
-    return mask
+    if cache is not None:
+        return slot_mask(b, t, cache, cache_index, attention_mask, attend_len).dense()
+    return SlotMask(jnp.arange(t), None if attention_mask is None else jnp.asarray(attention_mask, bool),
+                    b, t).dense()

@@ -1,5 +1,6 @@
-"""Blockwise attention (dsv2_jax.attention) against a NumPy softmax over the dense mask, and a
-long training forward (blockwise inside MLA) against the materialised one."""
+"""Blockwise attention (dsv2_jax.attention) against a NumPy softmax over the dense mask; a long
+training forward (blockwise inside MLA) against the materialised one; MLA over the latent cache
+(a prefill chunk block by block, a decode step over the filled blocks only) against NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,11 @@ import pytest
 from flax import nnx
 
 from dsv2_jax import DeepseekV2, DeepseekV2Config
+from dsv2_jax import mla as mla_mod
 from dsv2_jax.attention import SegmentMask, blockwise_attention
+from dsv2_jax.cache import LayerCache
+from dsv2_jax.model import slot_mask
+from dsv2_jax.rope import cos_sin
 from dsv2_jax.training.step import train_forward
 from tiny import LITE
 
@@ -76,3 +81,51 @@ def test_long_training_forward_and_gradient_equal_the_materialised_form():
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
     err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)))
     assert err <= 1e-5
+
+
+@pytest.mark.parametrize("mode, start, t", [("prefill", 1024, 64), ("decode", 1500, 1)])
+def test_attention_over_the_cache_equals_numpy(mode, start, t):
+    """V2-Lite's attention shapes (16 heads, latent 512, rope 64, nope/v 128), a 2,048-slot cache,
+    two rows (the second left-padded by 37). A prefill chunk (materialised, key blocks of 512
+    expanded one at a time) and a decode step (absorbed, a loop over the filled 512-slot blocks)
+    equal a float64 NumPy softmax over the dense mask. The decode step reads no block past the
+    filled ones: those slots hold NaN and the output stays finite."""
+    cfg = DeepseekV2Config.v2_lite(hidden_size=256, rope_scaling=None, max_position_embeddings=4096)
+    attn = mla_mod.MLA(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32)
+    rng = np.random.default_rng(start)
+    b, s_len, pad = 2, 2048, np.array([0, 37])
+    c_kv = rng.standard_normal((b, s_len, cfg.kv_lora_rank)).astype(np.float32)
+    k_pe = rng.standard_normal((b, s_len, cfg.qk_rope_head_dim)).astype(np.float32)
+    filled_blocks = -(-(start + t) // 512) * 512
+    c_kv[:, filled_blocks:] = np.nan  # never read by the decode loop (the prefill chunk reads them masked)
+    k_pe[:, filled_blocks:] = np.nan
+    if mode == "prefill":
+        c_kv[:, start + t:], k_pe[:, start + t:] = 1e4, -1e4  # masked garbage: must not count
+    x = jnp.asarray(rng.standard_normal((b, t, cfg.hidden_size)), jnp.float32)
+    positions = jnp.asarray(start + np.arange(t)[None] - pad[:, None], jnp.int32)
+    cos, sin = cos_sin(cfg, positions)
+    real = jnp.asarray(np.arange(s_len)[None] >= pad[:, None])
+    cache = LayerCache(jnp.asarray(c_kv), jnp.asarray(k_pe))
+    mask = slot_mask(b, t, cache, jnp.int32(start), real)
+    form = mla_mod.AttentionMode.CACHE if mode == "prefill" else mla_mod.AttentionMode.LATENT
+    got, _ = jax.jit(lambda x, cos, sin, mask, cache: attn.heads(x, cos, sin, mask, cache, jnp.int32(start),
+                                                                 form))(x, cos, sin, mask, cache)
+    got = np.asarray(got).reshape(b, t, cfg.num_attention_heads, cfg.v_head_dim)
+    assert np.isfinite(got).all()
+
+    # NumPy, float64: the new entries written at their slots, keys expanded, softmax over the mask.
+    q_nope, q_pe = (np.asarray(a, np.float64) for a in attn.query(x, cos, sin))
+    new_ckv, new_kpe = attn.latent(x, cos, sin)
+    c_kv[:, start:start + t], k_pe[:, start:start + t] = np.asarray(new_ckv), np.asarray(new_kpe)
+    keys = slice(0, start + t)  # every other slot is masked for every query
+    w = np.asarray(attn.kv_b_weight(), np.float64)
+    kv = np.einsum("bsr,rnd->bsnd", c_kv[:, keys].astype(np.float64), w)
+    k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+    scores = np.einsum("btnd,bsnd->bnts", q_nope, k_nope) + np.einsum("btnd,bsd->bnts", q_pe, k_pe[:, keys])
+    slots = np.arange(start + t)
+    allowed = (slots[None, None] <= (start + np.arange(t))[None, :, None]) & (slots[None, None] >= pad[:, None, None])
+    scores = np.where(allowed[:, None], scores * cfg.softmax_scale, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-5, err

@@ -8,6 +8,7 @@ import torch
 
 import dsv2_jax
 from dsv2_jax import generation as gen
+from dsv2_jax import mla
 from dsv2_jax.cache import cache_bytes_per_token
 from dsv2_jax.sampling import SamplingParams
 from hf_ref import load_hf
@@ -187,12 +188,22 @@ def test_new_sampling_settings_and_lengths_do_not_compile_again():
     assert outs[0].token_ids != first.token_ids
 
 
-@pytest.mark.parametrize("name", ["lite", "full_v2"])
-def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, monkeypatch, name):
+@pytest.mark.parametrize("name, blocks", [("lite", False), ("full_v2", False), ("lite", True)])
+def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, monkeypatch, name, blocks):
     """Prompts of 1, 2 and 3 prefill chunks (the chunk made 16 tokens so this stays small),
     left-padded into one batch: the logits after prefill, and of every decode step, equal a
-    no-cache forward of each row alone (float32, <= 1e-4)."""
+    no-cache forward of each row alone (float32, <= 1e-4). With ``blocks`` the key blocks are
+    made 16 slots too, so later chunks attend block by block and decode loops over the filled
+    blocks of the 128-slot cache (4 of 8)."""
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 16)
+    traced = []
+    if blocks:
+        monkeypatch.setattr(mla, "BLOCK", 16)
+        monkeypatch.setattr(mla, "DECODE_BLOCKS", (16,))
+        for form in ("_materialised_blocks", "_latent_blocks"):
+            original = getattr(mla.MLA, form)
+            monkeypatch.setattr(mla.MLA, form, lambda *a, _f=original, _n=form: traced.append(_n) or _f(*a))
+        jax.clear_caches()  # the jitted steps were traced with the default blocks
     model = models[name]
     prompts = [_prompt(n, seed=10 + n) for n in (11, 29, 45)]  # padded to 48: 3 chunks of 16
     steps = 4
@@ -208,3 +219,6 @@ def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, mon
         for i in range(steps + 1):
             err = np.abs(logits[i][b] - full[len(prompt) - 1 + i]).max()
             assert err <= 1e-4, f"{name}: row {b} ({len(prompt)} tokens), step {i}: {err}"
+    if blocks:
+        jax.clear_caches()
+        assert set(traced) == {"_materialised_blocks", "_latent_blocks"}

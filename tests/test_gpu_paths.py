@@ -8,6 +8,8 @@ compared on one device and on (data 2, expert 4) fake devices, where the data ax
 gradient all-reduce that an unchecked shard_map must still insert.
 """
 
+import re
+
 import pytest
 from ep_cases import run
 
@@ -94,3 +96,44 @@ def test_qlora_gradients_through_the_awq_kernels(tmp_path):
     assert scale > 1e-4
     for w, g in pairs:
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * max(1.0, scale))
+
+
+def test_long_training_step_through_the_attention_kernel():
+    """T = 700 > mla.BLOCK packed documents: on the GPU paths the train forward's attention is the
+    Pallas flash kernel (forward, dq, dk/dv; interpreted here). Logits and every gradient equal
+    the CPU path's (the JAX blockwise scan, itself checked against NumPy in test_attention)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dsv2_jax import DeepseekV2, DeepseekV2Config, backend
+    from dsv2_jax.attention import SegmentMask
+    from dsv2_jax.training.step import train_forward
+    from test_attention import segments_of
+
+    cfg = DeepseekV2Config.from_dict(dict(LITE, num_hidden_layers=1, max_position_embeddings=2048,
+                                          rope_scaling=None))
+    model = DeepseekV2(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    t = 700
+    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, t)), jnp.int32)
+    segments = jnp.asarray(segments_of(t, rng, 1))
+    positions = jnp.asarray(np.concatenate([np.arange(n) for n in np.bincount(np.asarray(segments)[0])])[None],
+                            jnp.int32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    calls = []
+
+    def loss(params):
+        logits = train_forward(nnx.merge(graphdef, params, rest), ids, positions, SegmentMask(segments)).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params)
+    with backend.target("gpu", interpret=True):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(p)[0]))(params))
+        calls = sorted(set(re.findall(r"name=(mla_attention_\w+)", jaxpr)))
+        (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params)
+    assert calls == ["mla_attention_dkdv", "mla_attention_dq", "mla_attention_fwd"], calls
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
+    err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)))
+    assert err <= 1e-5, err
