@@ -36,6 +36,21 @@ BLOCK = 512  # key block of the blockwise form; shorter sequences take the mater
 DECODE_BLOCKS = (512, 256, 128)  # slots per step of the filled-slots decode loop: the first dividing S
 
 
+def _prefill_blocks() -> tuple[int, ...]:
+    """Key blocks a prefill chunk may walk the cache in: the first that divides S."""
+    return (BLOCK, BLOCK // 2, BLOCK // 4)
+
+
+def _heads_first(a: jax.Array) -> jax.Array:
+    """[B, L, nh, d] -> [B, nh, L, d]."""
+    return jnp.swapaxes(a, 1, 2)
+
+
+def _block_of(length: int, sizes) -> int | None:
+    """The first of ``sizes`` that divides ``length`` into more than one block, or None."""
+    return next((n for n in sizes if n and length % n == 0 and n < length), None)
+
+
 class AttentionMode(enum.Enum):
     """What the T new tokens attend to, and in which form.
 
@@ -119,8 +134,9 @@ class MLA(nnx.Module):
             c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
         if mode is AttentionMode.LATENT:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
-        elif isinstance(mask, SlotMask) and mask.length > BLOCK and mask.length % BLOCK == 0:
-            out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask)
+        elif (isinstance(mask, SlotMask) and mask.length > BLOCK
+              and (block := _block_of(mask.length, _prefill_blocks()))):
+            out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask, block)
         else:
             out = self._materialised(q_nope, q_pe, c_kv, k_pe, mask)
         return out.reshape(*x.shape[:2], -1), cache  # out: [B, T, nh, v]
@@ -151,19 +167,19 @@ class MLA(nnx.Module):
         # Heads first, nope and rope parts in one 192-wide product: with the head axis leading,
         # XLA's CPU backend runs these batched products and their gradients ~2x faster than
         # over [B, T, nh, d] operands (bench/train_vs_hf.py, docs/figures.md#training-speed).
-        heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, L, nh, d] -> [B, nh, L, d]
         k_pe = jnp.broadcast_to(k_pe[:, :, None].astype(k_nope.dtype), (*k_nope.shape[:3], k_pe.shape[-1]))
-        q = heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))
-        k = heads_first(jnp.concatenate([k_nope, k_pe], axis=-1))
+        q = _heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))
+        k = _heads_first(jnp.concatenate([k_nope, k_pe], axis=-1))
         scores = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32)
         p = self._softmax(scores, mask)  # [B, nh, T, S]
-        return heads_first(jnp.einsum("bnts,bnsd->bntd", p, heads_first(v)))  # [B, T, nh, v]
+        return _heads_first(jnp.einsum("bnts,bnsd->bntd", p, _heads_first(v)))  # [B, T, nh, v]
 
-    def _materialised_blocks(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask):
-        """A prefill chunk over the filled cache slots, one key block of ``BLOCK`` slots at a
-        time (online softmax): each block's latents are expanded through ``kv_b_proj`` as the
-        block arrives and dropped after it, so memory is O(T · BLOCK) per head, not O(T · S),
-        and no [B, T, S] mask exists.
+    def _materialised_blocks(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask, block: int):
+        """A prefill chunk over the filled cache slots, one key block of ``block`` slots (512, or
+        256 / 128 when S is not a multiple of 512) at a time (online softmax), in a loop over
+        the blocks filled so far only (a traced trip count): each block's latents are expanded
+        through ``kv_b_proj`` as the block arrives and dropped after it, so memory is
+        O(T · block) per head, not O(T · S), and no [B, T, S] mask exists.
 
         Why re-expand rather than attend to the cached prefix in latent space (absorbed)? Per
         query-key pair, V2-Lite's materialised scores and values cost 2 · 16 · (192 + 128) =
@@ -176,20 +192,23 @@ class MLA(nnx.Module):
         cfg = self.cfg
         b, t, nh, _ = q_nope.shape
         w = self.kv_b_weight(after=c_kv)
-        f32 = jnp.float32
+        w = w.reshape(w.shape[0], -1)
+        q = _heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))  # [B, nh, T, 192]
 
-        def step(carry, start):
-            ck = jax.lax.dynamic_slice_in_dim(c_kv, start, BLOCK, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, BLOCK, axis=1)
-            kv = jnp.einsum("bsr,rnd->bsnd", ck, w)  # [B, BLOCK, nh, 256]
-            k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-            s = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=f32)
-            s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
-            s = jnp.where(mask.block(start, BLOCK)[:, None], s * cfg.softmax_scale, NEG_INF)
-            return online_update(carry, s, v, "bnts,bsnd->bntd"), None
+        def body(i, carry):
+            start = i * block
+            ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1).astype(q.dtype)
+            kv = rows_dot(ck, w).reshape(b, block, nh, -1)  # [B, block, nh, 256]
+            k = jnp.concatenate([kv[..., : cfg.qk_nope_head_dim],
+                                 jnp.broadcast_to(kp[:, :, None], (b, block, nh, kp.shape[-1]))], axis=-1)
+            s = jnp.einsum("bntd,bnsd->bnts", q, _heads_first(k), preferred_element_type=jnp.float32)
+            s = jnp.where(mask.block(start, block)[:, None], s * cfg.softmax_scale, NEG_INF)
+            return online_update(carry, s, _heads_first(kv[..., cfg.qk_nope_head_dim:]), "bnts,bnsd->bntd")
 
-        starts = jnp.arange(0, mask.length, BLOCK, dtype=jnp.int32)
-        carry, _ = jax.lax.scan(step, online_init(b, nh, t, cfg.v_head_dim), starts)
+        # Only the blocks holding a slot some query may see: a traced trip count.
+        n_blocks = (mask.filled() + block - 1) // block
+        carry = jax.lax.fori_loop(0, n_blocks, body, online_init(b, nh, t, cfg.v_head_dim))
         return jnp.moveaxis(online_finish(carry), 1, 2).astype(self.dtype)  # [B, T, nh, v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
@@ -207,8 +226,8 @@ class MLA(nnx.Module):
         q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
         q_lat = q_lat.astype(self.dtype)  # [B, T, nh, r]
         if isinstance(mask, SlotMask):
-            block = next((n for n in DECODE_BLOCKS if mask.length % n == 0), mask.length)
-            if backend.on_gpu() or block == mask.length:
+            block = _block_of(mask.length, DECODE_BLOCKS)
+            if backend.on_gpu() or block is None:
                 mask = mask.dense()
             else:
                 o_lat = self._latent_blocks(q_lat, q_pe, c_kv, k_pe, mask, block)
