@@ -33,12 +33,9 @@ from .layers import Linear, RMSNorm, rows_dot
 from .rope import apply_rope
 
 BLOCK = 512  # key block of the blockwise form; shorter sequences take the materialised one
-DECODE_BLOCKS = (512, 256, 128)  # slots per step of the filled-slots decode loop: the first dividing S
-
-
-def _prefill_blocks() -> tuple[int, ...]:
-    """Key blocks a prefill chunk may walk the cache in: the first that divides S."""
-    return (BLOCK, BLOCK // 2, BLOCK // 4)
+DECODE_BLOCK = 1024  # cache slots per step of the filled-slots decode loop (CPU)
+DENSE_ABOVE_FILLED = 2  # CPU decode reads every slot in one pass once the filled part is over 1/2
+GPU_KEY_SLICES = (4096, 2048, 1024, 512, 256, 128)  # slots per Pallas attention call (GPU prefill chunk)
 
 
 def _heads_first(a: jax.Array) -> jax.Array:
@@ -46,9 +43,17 @@ def _heads_first(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, 1, 2)
 
 
-def _block_of(length: int, sizes) -> int | None:
-    """The first of ``sizes`` that divides ``length`` into more than one block, or None."""
-    return next((n for n in sizes if n and length % n == 0 and n < length), None)
+def _block_start(i, block: int, length: int):
+    """Start of key block i of a loop over ``length`` slots in blocks of ``block`` (which need
+    not divide it): the last block is moved back to end at ``length``; its slots before
+    ``i * block``, already seen by block i - 1, are masked out by :func:`_block_mask`."""
+    return jnp.minimum(i * block, length - block)
+
+
+def _block_mask(mask: SlotMask, i, block: int):
+    """[B, T, block] mask of key block i (see :func:`_block_start`)."""
+    start = _block_start(i, block, mask.length)
+    return mask.block(start, block) & (start + jnp.arange(block) >= i * block)
 
 
 class AttentionMode(enum.Enum):
@@ -134,9 +139,8 @@ class MLA(nnx.Module):
             c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
         if mode is AttentionMode.LATENT:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
-        elif (isinstance(mask, SlotMask) and mask.length > BLOCK
-              and (block := _block_of(mask.length, _prefill_blocks()))):
-            out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask, block)
+        elif isinstance(mask, SlotMask) and mask.length > BLOCK:
+            out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             out = self._materialised(q_nope, q_pe, c_kv, k_pe, mask)
         return out.reshape(*x.shape[:2], -1), cache  # out: [B, T, nh, v]
@@ -174,9 +178,9 @@ class MLA(nnx.Module):
         p = self._softmax(scores, mask)  # [B, nh, T, S]
         return _heads_first(jnp.einsum("bnts,bnsd->bntd", p, _heads_first(v)))  # [B, T, nh, v]
 
-    def _materialised_blocks(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask, block: int):
-        """A prefill chunk over the filled cache slots, one key block of ``block`` slots (512, or
-        256 / 128 when S is not a multiple of 512) at a time (online softmax), in a loop over
+    def _materialised_blocks(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask):
+        """A prefill chunk over the filled cache slots, one key block of ``BLOCK`` slots at a
+        time (online softmax), in a loop over
         the blocks filled so far only (a traced trip count): each block's latents are expanded
         through ``kv_b_proj`` as the block arrives and dropped after it, so memory is
         O(T · block) per head, not O(T · S), and no [B, T, S] mask exists.
@@ -189,21 +193,24 @@ class MLA(nnx.Module):
         more than ~170 tokens, and keeping the expanded keys would cost 7× the latent cache's
         memory. A whole prompt in one chunk (the first chunk, ``SELF``) expands nothing twice.
         """
+        if backend.on_gpu():
+            return self._prefill_kernel(q_nope, q_pe, c_kv, k_pe, mask)
         cfg = self.cfg
         b, t, nh, _ = q_nope.shape
         w = self.kv_b_weight(after=c_kv)
         w = w.reshape(w.shape[0], -1)
         q = _heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))  # [B, nh, T, 192]
+        block = BLOCK
 
         def body(i, carry):
-            start = i * block
+            start = _block_start(i, block, mask.length)
             ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1).astype(q.dtype)
             kv = rows_dot(ck, w).reshape(b, block, nh, -1)  # [B, block, nh, 256]
             k = jnp.concatenate([kv[..., : cfg.qk_nope_head_dim],
                                  jnp.broadcast_to(kp[:, :, None], (b, block, nh, kp.shape[-1]))], axis=-1)
             s = jnp.einsum("bntd,bnsd->bnts", q, _heads_first(k), preferred_element_type=jnp.float32)
-            s = jnp.where(mask.block(start, block)[:, None], s * cfg.softmax_scale, NEG_INF)
+            s = jnp.where(_block_mask(mask, i, block)[:, None], s * cfg.softmax_scale, NEG_INF)
             return online_update(carry, s, _heads_first(kv[..., cfg.qk_nope_head_dim:]), "bnts,bnsd->bntd")
 
         # Only the blocks holding a slot some query may see: a traced trip count.
@@ -211,10 +218,41 @@ class MLA(nnx.Module):
         carry = jax.lax.fori_loop(0, n_blocks, body, online_init(b, nh, t, cfg.v_head_dim))
         return jnp.moveaxis(online_finish(carry), 1, 2).astype(self.dtype)  # [B, T, nh, v]
 
+    def _prefill_kernel(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask):
+        """GPU form of :meth:`_materialised_blocks`: the filled slots in slices of the first of
+        ``GPU_KEY_SLICES`` dividing S (else all of S), each expanded through ``kv_b_proj`` and given to the
+        Pallas kernel (``kernels.mla_attention_partial``), the partial results merged by their
+        log-sum-exp. Few loop steps of large kernels, where an XLA loop over 512-slot blocks
+        would launch several kernels per block."""
+        cfg = self.cfg
+        b, t, nh, _ = q_nope.shape
+        size = next((n for n in GPU_KEY_SLICES if mask.length % n == 0), mask.length)
+        w = self.kv_b_weight(after=c_kv)
+        w = w.reshape(w.shape[0], -1)
+        real = jnp.ones((b, mask.length), bool) if mask.real is None else mask.real
+        k_seg = jnp.where(real, 0, -1).astype(jnp.int32)  # left padding: seen by no query
+        q_seg = jnp.zeros((b, t), jnp.int32)
+
+        def body(i, carry):
+            start = i * size
+            ck = jax.lax.dynamic_slice_in_dim(c_kv, start, size, axis=1)
+            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, size, axis=1).astype(q_pe.dtype)
+            kv = rows_dot(ck, w).reshape(b, size, nh, -1)  # [B, size, nh, 256]
+            part = kernels.mla_attention_partial(
+                q_nope, q_pe.astype(q_nope.dtype), kv[..., : cfg.qk_nope_head_dim], kp.astype(q_nope.dtype),
+                kv[..., cfg.qk_nope_head_dim:], mask.q_slot, start, q_seg,
+                jax.lax.dynamic_slice_in_dim(k_seg, start, size, axis=1), scale=cfg.softmax_scale)
+            return kernels.merge_partials(carry, part)
+
+        n_slices = (mask.filled() + size - 1) // size
+        init = (jnp.zeros((b, t, nh, cfg.v_head_dim), jnp.float32), jnp.full((b, nh, t), -jnp.inf, jnp.float32))
+        out, _ = jax.lax.fori_loop(0, n_slices, body, init)
+        return out.astype(self.dtype)
+
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention in latent space. With a :class:`SlotMask` on the CPU only the cache blocks
-        filled so far are read (a loop whose trip count is traced, over blocks of the first of
-        ``DECODE_BLOCKS`` that divides S), each block once for both scores and values: a decode
+        filled so far are read (a loop over blocks of ``DECODE_BLOCK`` slots whose trip count is
+        traced), each block once for both scores and values: a decode
         step costs what its context holds, not what the cache has room for. On GPU one fused
         pass over the allocated slots stays: each loop step there would be a few kernel
         launches of microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs
@@ -225,21 +263,24 @@ class MLA(nnx.Module):
         f32 = jnp.float32
         q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
         q_lat = q_lat.astype(self.dtype)  # [B, T, nh, r]
-        if isinstance(mask, SlotMask):
-            block = _block_of(mask.length, DECODE_BLOCKS)
-            if backend.on_gpu() or block is None:
-                mask = mask.dense()
-            else:
-                o_lat = self._latent_blocks(q_lat, q_pe, c_kv, k_pe, mask, block)
-                return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
+        if isinstance(mask, SlotMask) and not backend.on_gpu() and mask.length > DECODE_BLOCK:
+            blocks = lambda: self._latent_blocks(q_lat, q_pe, c_kv, k_pe, mask, DECODE_BLOCK)  # noqa: E731
+            whole = lambda: self._latent_pass(q_lat, q_pe, c_kv, k_pe, mask.dense())  # noqa: E731
+            o_lat = jax.lax.cond(mask.filled() * DENSE_ABOVE_FILLED < mask.length, blocks, whole)
+        else:
+            o_lat = self._latent_pass(q_lat, q_pe, c_kv, k_pe, mask.dense() if isinstance(mask, SlotMask) else mask)
+        return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
+
+    def _latent_pass(self, q_lat, q_pe, c_kv, k_pe, mask):
+        """Absorbed attention over every slot in one pass: [B, T, nh, r] attended latents."""
+        f32 = jnp.float32
         scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv, preferred_element_type=f32)
         scores += jnp.einsum("btnd,bsd->bnts", q_pe, k_pe, preferred_element_type=f32)
         p = self._softmax(scores, mask)
         # Spelled [B, nh, T, r] then transposed: XLA's CPU backend rejects the bf16 x bf16 -> f32
         # dot of "bnts,bsr->btnr" for batch > 1 ("Unsupported element type for DotThunk").
         o_lat = jnp.einsum("bnts,bsr->bntr", p, c_kv, preferred_element_type=f32)
-        o_lat = jnp.swapaxes(o_lat, 1, 2).astype(self.dtype)
-        return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
+        return jnp.swapaxes(o_lat, 1, 2).astype(self.dtype)
 
     def _latent_blocks(self, q_lat, q_pe, c_kv, k_pe, mask: SlotMask, block: int):
         """Absorbed attention over slots ``[0, mask.filled())`` only, ``block`` slots per step
@@ -248,12 +289,12 @@ class MLA(nnx.Module):
         f32 = jnp.float32
 
         def body(i, carry):
-            start = i * block
+            start = _block_start(i, block, mask.length)
             ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1)
             s = jnp.einsum("btnr,bsr->bnts", q_lat, ck, preferred_element_type=f32)
             s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
-            s = jnp.where(mask.block(start, block)[:, None], s * self.cfg.softmax_scale, NEG_INF)
+            s = jnp.where(_block_mask(mask, i, block)[:, None], s * self.cfg.softmax_scale, NEG_INF)
             return online_update(carry, s, ck, "bnts,bsr->bntr")
 
         n_blocks = (mask.filled() + block - 1) // block

@@ -83,23 +83,26 @@ def test_long_training_forward_and_gradient_equal_the_materialised_form():
     assert err <= 1e-5
 
 
-@pytest.mark.parametrize("mode, start, t", [("prefill", 1024, 64), ("decode", 1500, 1)])
-def test_attention_over_the_cache_equals_numpy(mode, start, t):
+@pytest.mark.parametrize("mode, start, t, block", [("prefill", 1024, 64, 512), ("decode", 700, 1, 1024),
+                                                   ("decode", 1500, 1, None)])
+def test_attention_over_the_cache_equals_numpy(mode, start, t, block):
     """V2-Lite's attention shapes (16 heads, latent 512, rope 64, nope/v 128), a 2,048-slot cache,
     two rows (the second left-padded by 37). A prefill chunk (materialised, key blocks of 512
-    expanded one at a time) and a decode step (absorbed, a loop over the filled 512-slot blocks)
-    equal a float64 NumPy softmax over the dense mask. Neither reads a block past the filled
-    ones: those slots hold NaN and the output stays finite."""
+    expanded one at a time) and a decode step (absorbed: a loop over the filled 1,024-slot blocks
+    while at most half the cache is filled, one pass over all slots after) equal a float64 NumPy
+    softmax over the dense mask. The block loops read no block past the filled ones: those
+    slots hold NaN and the output stays finite."""
     cfg = DeepseekV2Config.v2_lite(hidden_size=256, rope_scaling=None, max_position_embeddings=4096)
     attn = mla_mod.MLA(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32)
     rng = np.random.default_rng(start)
     b, s_len, pad = 2, 2048, np.array([0, 37])
     c_kv = rng.standard_normal((b, s_len, cfg.kv_lora_rank)).astype(np.float32)
     k_pe = rng.standard_normal((b, s_len, cfg.qk_rope_head_dim)).astype(np.float32)
-    filled_blocks = -(-(start + t) // 512) * 512
     c_kv[:, start + t:], k_pe[:, start + t:] = 1e4, -1e4  # read in the last block, masked: must not count
-    c_kv[:, filled_blocks:] = np.nan  # past the filled blocks: never read
-    k_pe[:, filled_blocks:] = np.nan
+    if block:
+        filled_blocks = -(-(start + t) // block) * block
+        c_kv[:, filled_blocks:] = np.nan  # past the filled blocks: never read
+        k_pe[:, filled_blocks:] = np.nan
     x = jnp.asarray(rng.standard_normal((b, t, cfg.hidden_size)), jnp.float32)
     positions = jnp.asarray(start + np.arange(t)[None] - pad[:, None], jnp.int32)
     cos, sin = cos_sin(cfg, positions)

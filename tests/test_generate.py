@@ -193,13 +193,13 @@ def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, mon
     """Prompts of 1, 2 and 3 prefill chunks (the chunk made 16 tokens so this stays small),
     left-padded into one batch: the logits after prefill, and of every decode step, equal a
     no-cache forward of each row alone (float32, <= 1e-4). With ``blocks`` the key blocks are
-    made 16 slots too, so later chunks attend block by block and decode loops over the filled
-    blocks of the 128-slot cache (4 of 8)."""
+    made 16 slots (24 for decode) too, so later chunks attend block by block and decode loops
+    over the filled blocks of the 128-slot cache."""
     monkeypatch.setattr(gen, "PREFILL_CHUNK", 16)
     traced = []
     if blocks:
         monkeypatch.setattr(mla, "BLOCK", 16)
-        monkeypatch.setattr(mla, "DECODE_BLOCKS", (16,))
+        monkeypatch.setattr(mla, "DECODE_BLOCK", 24)  # not dividing the cache: the last block moves back
         for form in ("_materialised_blocks", "_latent_blocks"):
             original = getattr(mla.MLA, form)
             monkeypatch.setattr(mla.MLA, form, lambda *a, _f=original, _n=form: traced.append(_n) or _f(*a))

@@ -137,3 +137,36 @@ def test_long_training_step_through_the_attention_kernel():
     assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
     err = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)))
     assert err <= 1e-5, err
+
+
+def test_prefill_chunks_through_the_attention_kernel(monkeypatch):
+    """Prompts of 1-3 prefill chunks (chunks and key blocks made 16 slots, kernel slices 32) in a
+    left-padded batch: on the GPU paths later chunks attend through the Pallas kernel over slices
+    of the cache, merged by log-sum-exp (interpreted here); the logits after prefill equal the
+    CPU path's blockwise form."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dsv2_jax import DeepseekV2, DeepseekV2Config, backend, kernels, mla
+    from dsv2_jax import generation as gen
+    from dsv2_jax.sampling import SamplingParams
+
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(mla, "BLOCK", 16)
+    monkeypatch.setattr(mla, "GPU_KEY_SLICES", (32,))
+    calls = []
+    partial = kernels.mla_attention_partial
+    monkeypatch.setattr(kernels, "mla_attention_partial", lambda *a, **k: calls.append(1) or partial(*a, **k))
+    jax.clear_caches()
+    cfg = DeepseekV2Config.from_dict(dict(LITE, num_hidden_layers=2, rope_scaling=None))
+    model = DeepseekV2(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, cfg.vocab_size, n).tolist() for n in (11, 29, 45)]
+    want = np.asarray(gen._Session(model, None, prompts, 2, SamplingParams(), ignore_eos=True).carry.logits)
+    jax.clear_caches()
+    with backend.target("gpu", interpret=True):
+        got = np.asarray(gen._Session(model, None, prompts, 2, SamplingParams(), ignore_eos=True).carry.logits)
+    jax.clear_caches()
+    assert calls, "the GPU prefill did not call the attention kernel"
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())

@@ -77,3 +77,31 @@ def test_bad_shapes_and_blocks_are_named():
         mla_attention(*args[:3], args[3][:, :16], args[4], jnp.asarray(segments), scale=SCALE, interpret=True)
     with pytest.raises(ValueError, match="block_q=24"):
         mla_attention(*args, jnp.asarray(segments), scale=SCALE, block_q=24, interpret=True)
+
+
+def test_partial_results_over_key_slices_merge_to_numpy():
+    """A prefill chunk's form: 40 queries at slots 90..129 of two left-padded rows against 160
+    cache slots, given to the kernel as two key slices (positions 0.. and 96..), merged by
+    log-sum-exp: equal to NumPy's softmax over the dense causal + padding mask."""
+    from dsv2_jax.kernels.mla_attention import merge_partials, mla_attention_partial
+
+    rng = np.random.default_rng(5)
+    b, t, s, nh, start, pad = 2, 40, 160, 2, 90, np.array([0, 13])
+    qn, qp = (rng.standard_normal((b, t, nh, d)).astype(np.float32) for d in (128, 64))
+    kn, v = (rng.standard_normal((b, s, nh, 128)).astype(np.float32) for _ in range(2))
+    kp = rng.standard_normal((b, s, 64)).astype(np.float32)
+    q_slot = start + np.arange(t)
+    k_seg = np.where(np.arange(s)[None] >= pad[:, None], 0, -1).astype(np.int32)  # padding: no query's
+    q_seg = np.zeros((b, t), np.int32)
+    total = (jnp.zeros((b, t, nh, 128)), jnp.full((b, nh, t), -jnp.inf))
+    for lo, hi in ((0, 96), (96, s)):
+        part = mla_attention_partial(*(jnp.asarray(a) for a in (qn, qp, kn[:, lo:hi], kp[:, lo:hi], v[:, lo:hi])),
+                                     jnp.asarray(q_slot), lo, jnp.asarray(q_seg), jnp.asarray(k_seg[:, lo:hi]),
+                                     scale=SCALE, block_q=16, block_k=32, interpret=True)
+        total = merge_partials(total, part)
+    scores = np.einsum("btnd,bsnd->bnts", qn, kn) + np.einsum("btnd,bsd->bnts", qp, kp)
+    allowed = (np.arange(s)[None, None] <= q_slot[None, :, None]) & (np.arange(s)[None, None] >= pad[:, None, None])
+    scores = np.where(allowed[:, None], scores * SCALE, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bnts,bsnd->btnd", p / p.sum(-1, keepdims=True), v)
+    assert np.abs(np.asarray(total[0]) - want).max() <= 1e-5

@@ -48,17 +48,17 @@ def _scores(qn, qp, kn, kp, q_seg, k_seg, q_idx, k_idx, scale, precision):
     return jnp.where(allowed, s * scale, MASKED)
 
 
-def _fwd_kernel(qseg_ref, kseg_ref, qn_ref, qp_ref, kn_ref, kp_ref, v_ref, o_ref, lse_ref, *,
-                scale, block_q, block_k, precision):
-    i = pl.program_id(2)
-    qn, qp, q_seg = qn_ref[...], qp_ref[...], qseg_ref[...]
-    q_idx = i * block_q + jnp.arange(block_q)
+def _fwd_kernel(qpos_ref, kpos_ref, qseg_ref, kseg_ref, qn_ref, qp_ref, kn_ref, kp_ref, v_ref, o_ref,
+                lse_ref, *, scale, block_k, precision):
+    """One query block against the key blocks up to its last query's position. Positions:
+    ``qpos`` [block_q] of the queries, ``kpos`` [S] of the keys (consecutive, increasing)."""
+    qn, qp, q_seg, q_pos = qn_ref[...], qp_ref[...], qseg_ref[...], qpos_ref[...]
 
     def body(j, carry):
         m, l, acc = carry
         ks = pl.ds(j * block_k, block_k)
-        s = _scores(qn, qp, kn_ref[ks, :], kp_ref[ks, :], q_seg, kseg_ref[ks], q_idx,
-                    j * block_k + jnp.arange(block_k), scale, precision)
+        s = _scores(qn, qp, kn_ref[ks, :], kp_ref[ks, :], q_seg, kseg_ref[ks], q_pos, kpos_ref[ks], scale,
+                    precision)
         m_new = jnp.maximum(m, s.max(axis=1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -66,10 +66,11 @@ def _fwd_kernel(qseg_ref, kseg_ref, qn_ref, qp_ref, kn_ref, kp_ref, v_ref, o_ref
         acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return m_new, l * correction + p.sum(axis=1), acc
 
-    n_keys = pl.cdiv((i + 1) * block_q, block_k)  # key blocks holding a key <= the last query
+    # key blocks holding a key at or before the block's last query (at least one)
+    n_keys = jnp.clip((q_pos.max() - kpos_ref[0]) // block_k + 1, 1, kn_ref.shape[0] // block_k)
     m, l, acc = jax.lax.fori_loop(
-        0, n_keys, body, (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-                          jnp.zeros((block_q, o_ref.shape[-1]), jnp.float32)))
+        0, n_keys, body, (jnp.full((qn.shape[0],), -jnp.inf, jnp.float32), jnp.zeros((qn.shape[0],), jnp.float32),
+                          jnp.zeros((qn.shape[0], o_ref.shape[-1]), jnp.float32)))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
@@ -158,22 +159,29 @@ def _params(num_warps, num_stages):
                                    NUM_STAGES if num_stages is None else num_stages)
 
 
-def _forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg):
+def _forward(q_nope, q_pe, k_nope, k_pe, v, q_pos, k_pos, q_seg, k_seg, cfg):
+    """(o [B, T, nh, dv], lse [B, nh, T]) for T queries against S keys (each a multiple of its block)."""
     scale, block_q, block_k, num_warps, num_stages, interpret = cfg
     b, t, nh, dn = q_nope.shape
-    dr, dv = q_pe.shape[-1], v.shape[-1]
-    kernel = functools.partial(_fwd_kernel, scale=scale, block_q=block_q, block_k=block_k,
+    s_len, dr, dv = k_nope.shape[1], q_pe.shape[-1], v.shape[-1]
+    kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k,
                                precision=_common.dot_precision(q_nope.dtype))
+    pos = [pl.BlockSpec((block_q,), lambda b, h, i: (i,)), pl.BlockSpec((s_len,), lambda b, h, i: (0,))]
+    specs = _specs(t, dn, dr, dv, block_q, block_k, "q")
+    specs[1] = pl.BlockSpec((None, s_len), lambda b, h, i: (b, 0))
+    specs[4:] = [pl.BlockSpec((None, s_len, None, dn), lambda b, h, i: (b, 0, h, 0)),
+                 pl.BlockSpec((None, s_len, dr), lambda b, h, i: (b, 0, 0)),
+                 pl.BlockSpec((None, s_len, None, dv), lambda b, h, i: (b, 0, h, 0))]
     return pl.pallas_call(
         kernel,
         grid=(b, nh, t // block_q),
-        in_specs=_specs(t, dn, dr, dv, block_q, block_k, "q"),
+        in_specs=pos + specs,
         out_specs=[_row_specs(t, block_q, "q", dv), _row_specs(t, block_q, "q")],
         out_shape=[jax.ShapeDtypeStruct((b, t, nh, dv), v.dtype), jax.ShapeDtypeStruct((b, nh, t), jnp.float32)],
         compiler_params=_params(num_warps, num_stages),
         interpret=interpret,
         name="mla_attention_fwd",
-    )(segments, segments, q_nope, q_pe, k_nope, k_pe, v)
+    )(q_pos, k_pos, q_seg, k_seg, q_nope, q_pe, k_nope, k_pe, v)
 
 
 def _backward(q_nope, q_pe, k_nope, k_pe, v, segments, o, lse, do, cfg):
@@ -210,13 +218,18 @@ def _backward(q_nope, q_pe, k_nope, k_pe, v, segments, o, lse, do, cfg):
     return dqn, dqp, dkn, dkp.sum(axis=2).astype(k_pe.dtype), dvv
 
 
+def _aligned_forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg):
+    pos = jnp.arange(q_nope.shape[1], dtype=jnp.int32)
+    return _forward(q_nope, q_pe, k_nope, k_pe, v, pos, pos, segments, segments, cfg)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q_nope, q_pe, k_nope, k_pe, v, segments, cfg):
-    return _forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg)[0]
+    return _aligned_forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg)[0]
 
 
 def _attention_fwd(q_nope, q_pe, k_nope, k_pe, v, segments, cfg):
-    o, lse = _forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg)
+    o, lse = _aligned_forward(q_nope, q_pe, k_nope, k_pe, v, segments, cfg)
     return o, (q_nope, q_pe, k_nope, k_pe, v, segments, o, lse)
 
 
@@ -264,3 +277,46 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, segments, *, scale: float, bloc
         segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
     cfg = (float(scale), block_q, block_k, num_warps, num_stages, interpret)
     return _attention(q_nope, q_pe, k_nope, k_pe, v, segments, cfg)[:, :t]
+
+
+def mla_attention_partial(q_nope, q_pe, k_nope, k_pe, v, q_pos, k_start, q_segments, k_segments, *,
+                          scale: float, block_q: int = 64, block_k: int = 64, num_warps: int | None = None,
+                          num_stages: int | None = None, interpret: bool = False):
+    """Forward only: T queries at positions ``q_pos`` [T] against S keys at positions
+    ``k_start + [0, S)``; query t sees key s when the key's position <= the query's and
+    ``k_segments[b, s] == q_segments[b, t]``. Returns (o [B, T, nh, dv] in ``v.dtype``,
+    lse [B, nh, T] float32): partial results over a slice of the keys, merged by the caller
+    (:func:`merge_partials`). A prefill chunk against a slice of the cache, for instance."""
+    b, t, nh, _ = q_nope.shape
+    s_len = k_nope.shape[1]
+    interpret = interpret or _common.interpreting()
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if not (_common.is_pow2(blk) and blk >= 16):
+            raise ValueError(f"mla_attention_partial: {name}={blk} must be a power of two >= 16")
+    pad_q, pad_k = -t % block_q, -s_len % block_k
+    q_pos, q_segments = q_pos.astype(jnp.int32), q_segments.astype(jnp.int32)
+    k_segments = k_segments.astype(jnp.int32)
+    if pad_q:  # padded queries: a segment no key has
+        widen = lambda a: jnp.pad(a, [(0, 0), (0, pad_q)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        q_nope, q_pe = widen(q_nope), widen(q_pe)
+        q_pos = jnp.pad(q_pos, (0, pad_q), mode="edge")
+        q_segments = jnp.pad(q_segments, ((0, 0), (0, pad_q)), constant_values=-2)
+    if pad_k:  # padded keys: a segment no query has
+        widen = lambda a: jnp.pad(a, [(0, 0), (0, pad_k)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+        k_nope, k_pe, v = widen(k_nope), widen(k_pe), widen(v)
+        k_segments = jnp.pad(k_segments, ((0, 0), (0, pad_k)), constant_values=-3)
+    k_pos = (k_start + jnp.arange(s_len + pad_k)).astype(jnp.int32)
+    cfg = (float(scale), block_q, block_k, num_warps, num_stages, interpret)
+    o, lse = _forward(q_nope, q_pe, k_nope, k_pe.astype(q_pe.dtype), v, q_pos, k_pos, q_segments, k_segments, cfg)
+    return o[:, :t], lse[:, :, :t]
+
+
+def merge_partials(a, b):
+    """Two (o [B, T, nh, dv], lse [B, nh, T]) results over disjoint key sets -> the result over
+    both (float32 o). ``lse = -inf`` (no keys yet) is the identity."""
+    (oa, la), (ob, lb) = a, b
+    m = jnp.maximum(la, lb)
+    wa, wb = jnp.exp(la - m), jnp.exp(lb - m)
+    to_rows = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # noqa: E731  [B, nh, T] -> [B, T, nh, 1]
+    o = (oa.astype(jnp.float32) * to_rows(wa) + ob.astype(jnp.float32) * to_rows(wb)) / to_rows(wa + wb)
+    return o, m + jnp.log(wa + wb)
