@@ -39,7 +39,9 @@ from .sampling import (
 )
 from .tokenizer import StreamDecoder
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill call; bounds attention memory to chunk × cache
+PREFILL_CHUNK = 512  # prompt tokens per row and prefill call (at most)
+PREFILL_TOKENS = 16384  # prompt tokens per prefill call over the whole batch (at most): bounds the
+# activations of a chunk (V2-Lite's MoE over 64 rows x 512 tokens held 55 GiB, H200 compile)
 MIN_BUCKET = 16  # prompts are padded to a power of two >= this (then to multiples of the chunk)
 CACHE_BUCKET = 128  # cache lengths are rounded up to a multiple of this
 MIN_NEW_BUCKET = 16  # max_new_tokens is rounded up to a power of two >= this
@@ -62,6 +64,14 @@ def new_tokens_bucket(n: int) -> int:
     """The token buffer and cache room for ``max_new_tokens`` = n: a power of two >= 16, so
     that another ``max_new_tokens`` rarely compiles again (the loop stops at n itself)."""
     return max(MIN_NEW_BUCKET, 1 << (n - 1).bit_length())
+
+
+def prefill_chunk(batch: int, padded_len: int) -> int:
+    """Prompt tokens per row in each prefill call: ``PREFILL_CHUNK``, halved until the batch's
+    chunk is at most ``PREFILL_TOKENS`` tokens (a power of two >= 16, so it divides the padded
+    prompt length), and no more than the prompt."""
+    rows = max(MIN_BUCKET, PREFILL_TOKENS // max(batch, 1))
+    return min(padded_len, PREFILL_CHUNK, 1 << (rows.bit_length() - 1))
 
 
 def bucket_length(n: int) -> int:
@@ -234,7 +244,7 @@ class _Session:
                                            if tokenizer is not None else cfg.vocab_size))
         t0 = time.perf_counter()
         compiled_before = _prefill_chunk._cache_size()
-        chunk = min(p, PREFILL_CHUNK)
+        chunk = prefill_chunk(b, p)
         pad_dev = jnp.asarray(pad)
         for start in range(0, p, chunk):
             # The first chunk has nothing cached before it: it attends over itself alone.

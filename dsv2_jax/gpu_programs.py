@@ -90,12 +90,15 @@ def decode_loop(quant: str = "bf16", batch: int = 1, context: int = 4096, target
     return gpu_aot.compile(run, state, values, carry, donate_argnums=(2,), kernels=kernels)
 
 
-def prefill_chunk(quant: str = "bf16", batch: int = 1, context: int = 4096, chunk: int = 512,
+def prefill_chunk(quant: str = "bf16", batch: int = 1, context: int = 4096, chunk: int | None = None,
                   target: str = "h200", kernels: bool = False) -> gpu_aot.Report:
-    """The last prefill chunk of a ``context``-token prompt: ``chunk`` tokens attending over
-    all ``context`` cache slots (``generation._prefill_chunk``, mode CACHE)."""
+    """The last prefill chunk of a ``context``-token prompt: ``chunk`` tokens per row (default:
+    what ``generate`` uses for this batch) attending over all ``context`` cache slots
+    (``generation._prefill_chunk``, mode CACHE)."""
     from . import generation
     from .mla import AttentionMode
+
+    chunk = chunk or generation.prefill_chunk(batch, context)
 
     cfg = v2_lite(quant)
     mesh = _mesh(target, 1)

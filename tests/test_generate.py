@@ -222,3 +222,13 @@ def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, mon
     if blocks:
         jax.clear_caches()
         assert set(traced) == {"_materialised_blocks", "_latent_blocks"}
+
+
+def test_prefill_chunks_are_bounded_in_tokens_over_the_batch():
+    """512 tokens per row and call, halved until the batch's call holds at most 16,384 tokens;
+    a power of two, so it divides every padded prompt length; never more than the prompt."""
+    assert [gen.prefill_chunk(b, 4096) for b in (1, 32, 33, 64, 128, 4096)] == [512, 512, 256, 256, 128, 16]
+    assert gen.prefill_chunk(1, 64) == 64
+    for n in (17, 600, 3000, 32000):
+        p = gen.bucket_length(n)
+        assert all(p % gen.prefill_chunk(b, p) == 0 for b in (1, 8, 64, 100, 1000))
