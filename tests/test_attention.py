@@ -37,6 +37,18 @@ def segments_of(t, rng, b=2):
     return np.stack(rows).astype(np.int32)
 
 
+def packed_row(layers: int, t: int):
+    """A random tiny model (LITE with ``layers`` layers) and one packed row of t tokens:
+    (model, ids [1, T], segments [1, T], positions [1, T] restarting in each document)."""
+    cfg = DeepseekV2Config.from_dict(dict(LITE, num_hidden_layers=layers, max_position_embeddings=4096,
+                                          rope_scaling=None))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, t)), jnp.int32)
+    segments = segments_of(t, rng, 1)
+    positions = np.concatenate([np.arange(n) for n in np.bincount(segments[0])])[None]
+    return DeepseekV2(cfg, rngs=nnx.Rngs(0)), ids, jnp.asarray(segments), jnp.asarray(positions, jnp.int32)
+
+
 @pytest.mark.parametrize("t, block", [(1, 4), (7, 4), (512, 128), (4096, 512)])
 def test_blockwise_equals_dense_softmax_with_document_masks(t, block):
     rng = np.random.default_rng(t)
@@ -56,15 +68,7 @@ def test_blockwise_equals_dense_softmax_with_document_masks(t, block):
 def test_long_training_forward_and_gradient_equal_the_materialised_form():
     """T = 1,100 > mla.BLOCK: the train step's forward runs blockwise; the logits and the
     gradients equal model.forward with the dense [B, T, T] mask."""
-    cfg = DeepseekV2Config.from_dict(dict(LITE, num_hidden_layers=2, max_position_embeddings=4096,
-                                          rope_scaling=None))
-    model = DeepseekV2(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    t = 1100
-    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, t)), jnp.int32)
-    segments = jnp.asarray(segments_of(t, rng, 1))
-    positions = jnp.asarray(np.concatenate([np.arange(n) for n in np.bincount(np.asarray(segments)[0])])[None],
-                            jnp.int32)
+    model, ids, segments, positions = packed_row(2, 1100)
     mask = SegmentMask(segments)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

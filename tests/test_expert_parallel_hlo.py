@@ -4,7 +4,8 @@ One AdamW step of CE + balance loss is compiled for 8 fake devices and the all-g
 instructions of the optimized HLO are listed. With expert parallelism no all-gather yields a
 full [E, in, out] expert stack: on (data 2, expert 4) expert weights are not gathered at all;
 on (fsdp 2, expert 4) only the device's own E/4 experts are gathered over fsdp. The control,
-the same sharded weights with the MoE forced onto the single-device path, gathers all of them.
+the same sharded weights with the MoE forced onto the single-device path and its loop over
+expert tiles, gathers all of them.
 """
 
 import pytest

@@ -107,22 +107,13 @@ def test_long_training_step_through_the_attention_kernel():
     import numpy as np
     from flax import nnx
 
-    from dsv2_jax import DeepseekV2, DeepseekV2Config, backend
+    from dsv2_jax import backend
     from dsv2_jax.attention import SegmentMask
     from dsv2_jax.training.step import train_forward
-    from test_attention import segments_of
+    from test_attention import packed_row
 
-    cfg = DeepseekV2Config.from_dict(dict(LITE, num_hidden_layers=1, max_position_embeddings=2048,
-                                          rope_scaling=None))
-    model = DeepseekV2(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    t = 700
-    ids = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, t)), jnp.int32)
-    segments = jnp.asarray(segments_of(t, rng, 1))
-    positions = jnp.asarray(np.concatenate([np.arange(n) for n in np.bincount(np.asarray(segments)[0])])[None],
-                            jnp.int32)
+    model, ids, segments, positions = packed_row(1, 700)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    calls = []
 
     def loss(params):
         logits = train_forward(nnx.merge(graphdef, params, rest), ids, positions, SegmentMask(segments)).logits
