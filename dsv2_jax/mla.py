@@ -250,13 +250,14 @@ class MLA(nnx.Module):
         return out.astype(self.dtype)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attention in latent space. With a :class:`SlotMask` on the CPU only the cache blocks
-        filled so far are read (a loop over blocks of ``DECODE_BLOCK`` slots whose trip count is
-        traced), each block once for both scores and values: a decode
-        step costs what its context holds, not what the cache has room for. On GPU one fused
-        pass over the allocated slots stays: each loop step there would be a few kernel
-        launches of microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs
-        of H200 bandwidth (reasoned, not measured on a GPU)."""
+        """Attention in latent space. With a :class:`SlotMask` on the CPU, while at most half the
+        cache is filled, only the blocks filled so far are read (a loop over blocks of
+        ``DECODE_BLOCK`` slots whose trip count is traced), each once for both scores and values:
+        a decode step costs what its context holds, not what the cache has room for. Past half,
+        one pass over every slot is faster (the loop copies each block out of the cache). On GPU
+        the one fused pass always: each loop step there would be a few kernel launches of
+        microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs of H200
+        bandwidth (reasoned, not measured on a GPU)."""
         cfg = self.cfg
         w = self.kv_b_weight(after=q_nope)
         w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]

@@ -188,7 +188,8 @@ def test_new_sampling_settings_and_lengths_do_not_compile_again():
     assert outs[0].token_ids != first.token_ids
 
 
-@pytest.mark.parametrize("name, blocks", [("lite", False), ("full_v2", False), ("lite", True)])
+# (lite without blocks is left out for time: full_v2 takes the same dense paths over the cache)
+@pytest.mark.parametrize("name, blocks", [("full_v2", False), ("lite", True)])
 def test_prefill_across_chunk_boundaries_equals_the_no_cache_forward(models, monkeypatch, name, blocks):
     """Prompts of 1, 2 and 3 prefill chunks (the chunk made 16 tokens so this stays small),
     left-padded into one batch: the logits after prefill, and of every decode step, equal a
