@@ -43,17 +43,18 @@ def _heads_first(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, 1, 2)
 
 
-def _block_start(i, block: int, length: int):
-    """Start of key block i of a loop over ``length`` slots in blocks of ``block`` (which need
-    not divide it): the last block is moved back to end at ``length``; its slots before
-    ``i * block``, already seen by block i - 1, are masked out by :func:`_block_mask`."""
-    return jnp.minimum(i * block, length - block)
+def _over_filled_blocks(mask: SlotMask, block: int, fold, init):
+    """Loop over the key blocks of ``block`` slots that hold a slot some query may see (a traced
+    trip count): ``fold(start, block_mask [B, T, block], carry) -> carry``. ``block`` need not
+    divide S: the last block is moved back to end at S, and its slots before ``i * block``,
+    already seen by block i - 1, are masked out."""
 
+    def body(i, carry):
+        start = jnp.minimum(i * block, mask.length - block)
+        seen = mask.block(start, block) & (start + jnp.arange(block) >= i * block)
+        return fold(start, seen, carry)
 
-def _block_mask(mask: SlotMask, i, block: int):
-    """[B, T, block] mask of key block i (see :func:`_block_start`)."""
-    start = _block_start(i, block, mask.length)
-    return mask.block(start, block) & (start + jnp.arange(block) >= i * block)
+    return jax.lax.fori_loop(0, (mask.filled() + block - 1) // block, body, init)
 
 
 class AttentionMode(enum.Enum):
@@ -202,20 +203,17 @@ class MLA(nnx.Module):
         q = _heads_first(jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1))  # [B, nh, T, 192]
         block = BLOCK
 
-        def body(i, carry):
-            start = _block_start(i, block, mask.length)
+        def fold(start, seen, carry):
             ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1).astype(q.dtype)
             kv = rows_dot(ck, w).reshape(b, block, nh, -1)  # [B, block, nh, 256]
             k = jnp.concatenate([kv[..., : cfg.qk_nope_head_dim],
                                  jnp.broadcast_to(kp[:, :, None], (b, block, nh, kp.shape[-1]))], axis=-1)
             s = jnp.einsum("bntd,bnsd->bnts", q, _heads_first(k), preferred_element_type=jnp.float32)
-            s = jnp.where(_block_mask(mask, i, block)[:, None], s * cfg.softmax_scale, NEG_INF)
+            s = jnp.where(seen[:, None], s * cfg.softmax_scale, NEG_INF)
             return online_update(carry, s, _heads_first(kv[..., cfg.qk_nope_head_dim:]), "bnts,bnsd->bntd")
 
-        # Only the blocks holding a slot some query may see: a traced trip count.
-        n_blocks = (mask.filled() + block - 1) // block
-        carry = jax.lax.fori_loop(0, n_blocks, body, online_init(b, nh, t, cfg.v_head_dim))
+        carry = _over_filled_blocks(mask, block, fold, online_init(b, nh, t, cfg.v_head_dim))
         return jnp.moveaxis(online_finish(carry), 1, 2).astype(self.dtype)  # [B, T, nh, v]
 
     def _prefill_kernel(self, q_nope, q_pe, c_kv, k_pe, mask: SlotMask):
@@ -236,10 +234,10 @@ class MLA(nnx.Module):
         def body(i, carry):
             start = i * size
             ck = jax.lax.dynamic_slice_in_dim(c_kv, start, size, axis=1)
-            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, size, axis=1).astype(q_pe.dtype)
+            kp = jax.lax.dynamic_slice_in_dim(k_pe, start, size, axis=1).astype(q_nope.dtype)
             kv = rows_dot(ck, w).reshape(b, size, nh, -1)  # [B, size, nh, 256]
             part = kernels.mla_attention_partial(
-                q_nope, q_pe.astype(q_nope.dtype), kv[..., : cfg.qk_nope_head_dim], kp.astype(q_nope.dtype),
+                q_nope, q_pe.astype(q_nope.dtype), kv[..., : cfg.qk_nope_head_dim], kp,
                 kv[..., cfg.qk_nope_head_dim:], mask.q_slot, start, q_seg,
                 jax.lax.dynamic_slice_in_dim(k_seg, start, size, axis=1), scale=cfg.softmax_scale)
             return kernels.merge_partials(carry, part)
@@ -289,15 +287,13 @@ class MLA(nnx.Module):
         b, t, nh, r = q_lat.shape
         f32 = jnp.float32
 
-        def body(i, carry):
-            start = _block_start(i, block, mask.length)
+        def fold(start, seen, carry):
             ck = jax.lax.dynamic_slice_in_dim(c_kv, start, block, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(k_pe, start, block, axis=1)
             s = jnp.einsum("btnr,bsr->bnts", q_lat, ck, preferred_element_type=f32)
             s += jnp.einsum("btnd,bsd->bnts", q_pe, kp, preferred_element_type=f32)
-            s = jnp.where(_block_mask(mask, i, block)[:, None], s * self.cfg.softmax_scale, NEG_INF)
+            s = jnp.where(seen[:, None], s * self.cfg.softmax_scale, NEG_INF)
             return online_update(carry, s, ck, "bnts,bsr->bntr")
 
-        n_blocks = (mask.filled() + block - 1) // block
-        carry = jax.lax.fori_loop(0, n_blocks, body, online_init(b, nh, t, r))
+        carry = _over_filled_blocks(mask, block, fold, online_init(b, nh, t, r))
         return jnp.swapaxes(online_finish(carry), 1, 2).astype(self.dtype)
