@@ -11,6 +11,12 @@ dispatch passes around (through ``jax.shard_map`` too): a dense array or a stack
   backward for dense ones); on CPU a tiled matmul that skips empty tiles. XLA's ``ragged_dot``
   multiplies every row by every expert on both backends (docs/platform.md);
 - :func:`checked_in_shard_map` — whether ``shard_map`` may check varying-axes types.
+
+With a LoRA adapter per expert (``dsv2_jax.lora``, ``ExpertWeights.lora``) the value is an
+:class:`Adapted`: the base stack (dense or packed) plus ``a [E, in, r]`` and ``b [E, r, out]``;
+each function above adds ``(x @ a[e]) @ b[e] · scaling`` with the same grouped / gathered
+matmuls (on a GPU the dense grouped kernel and its backward), so QLoRA on packed experts and
+expert parallelism (``a`` and ``b`` are stacked over E like the base) need nothing else.
 """
 
 from __future__ import annotations
@@ -27,7 +33,21 @@ from .quant.awq import AWQWeight, dequantize, empty_awq_arrays
 from .quant.ops import awq_grouped_linear
 from .sharding import vary_like, zeros_like_varying
 
-Stacked = jax.Array | AWQWeight  # [E, in, out] dense, or its packed AWQ form
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """Stacked experts with one LoRA adapter each: ``x @ base[e] + (x @ a[e]) @ b[e] · scaling``."""
+
+    base: jax.Array | AWQWeight  # [E, in, out]
+    a: jax.Array  # [E, in, r]
+    b: jax.Array  # [E, r, out]
+    scaling: float
+
+
+jax.tree_util.register_dataclass(Adapted, data_fields=["base", "a", "b"], meta_fields=["scaling"])
+
+Stacked = jax.Array | AWQWeight | Adapted  # [E, in, out] dense, its packed AWQ form, + adapters
 
 
 class ExpertWeights(nnx.Module):
@@ -47,14 +67,21 @@ class ExpertWeights(nnx.Module):
             self.group_size = quant.group_size
             self.qweight, self.qzeros, self.scales = (
                 QuantizedWeight(q), QuantizedWeight(z), QuantizedWeight(s))
+        self.lora = nnx.data(None)  # a dsv2_jax.lora.ExpertLoRA (one adapter per expert)
 
-    def stacked(self) -> Stacked:
-        """The weight as the dispatch passes it: a dense array or a stacked AWQWeight."""
+    def base(self) -> jax.Array | AWQWeight:
+        """The stacked weight without any adapter: dense, or a stacked AWQWeight."""
         if not self.quantized:
             return self.weight[...]
         return AWQWeight(self.qweight[...], self.qzeros[...], self.scales[...],
                          group_size=self.group_size, in_features=self.in_features,
                          out_features=self.out_features)
+
+    def stacked(self) -> Stacked:
+        """The weight as the dispatch passes it: the base, or :class:`Adapted` with an adapter."""
+        if self.lora is None:
+            return self.base()
+        return Adapted(self.base(), self.lora.lora_a[...], self.lora.lora_b[...], self.lora.scaling)
 
 
 def _is_dense(w: Stacked) -> bool:
@@ -62,13 +89,24 @@ def _is_dense(w: Stacked) -> bool:
 
 
 def out_features(w: Stacked) -> int:
+    if isinstance(w, Adapted):
+        return w.b.shape[-1]
     return w.shape[-1] if _is_dense(w) else w.out_features
 
 
 def tie(w: Stacked, x: jax.Array) -> Stacked:
     """Packed experts are unpacked only once ``x`` (this layer's input) exists (see
     ``layers.tie_to``); dense weights are returned as they are."""
+    if isinstance(w, Adapted):
+        return dataclasses.replace(w, base=tie(w.base, x))
     return w if _is_dense(w) else dataclasses.replace(w, qweight=tie_to(x, w.qweight))
+
+
+def _plus_adapter(matmul, x: jax.Array, w: Adapted, rows) -> jax.Array:
+    """``matmul(x, base) + matmul(matmul(x, a), b) · scaling`` in ``x.dtype`` (as ``lora.LoRA``)."""
+    a, b = w.a.astype(x.dtype), w.b.astype(x.dtype)
+    delta = matmul(matmul(x, a, rows), b, rows) * jnp.asarray(w.scaling, x.dtype)
+    return matmul(x, w.base, rows) + delta
 
 
 def checked_in_shard_map(*ws: Stacked) -> bool:
@@ -80,6 +118,9 @@ def checked_in_shard_map(*ws: Stacked) -> bool:
 
 def expert(w: Stacked, e, dtype) -> jax.Array:
     """Expert ``e`` of the stack as a dense [in, out] in ``dtype``."""
+    if isinstance(w, Adapted):
+        delta = w.a[e].astype(jnp.float32) @ w.b[e].astype(jnp.float32) * w.scaling
+        return (expert(w.base, e, jnp.float32) + delta).astype(dtype)
     if _is_dense(w):
         return w[e].astype(dtype)
     return dequantize(jax.tree.map(lambda a: a[e], w), jnp.float32).astype(dtype)
@@ -87,6 +128,8 @@ def expert(w: Stacked, e, dtype) -> jax.Array:
 
 def gathered_matmul(x: jax.Array, w: Stacked, expert_ids: jax.Array) -> jax.Array:
     """Few rows (decode): row m of x [M, in] times expert ``expert_ids[m]`` -> [M, out]."""
+    if isinstance(w, Adapted):
+        return _plus_adapter(gathered_matmul, x, w, expert_ids)
     if _is_dense(w):
         wsel = jnp.take(w, expert_ids, axis=0).astype(x.dtype)  # [M, in, out]
     else:
@@ -98,6 +141,8 @@ def gathered_matmul(x: jax.Array, w: Stacked, expert_ids: jax.Array) -> jax.Arra
 def grouped_matmul(x: jax.Array, w: Stacked, group_sizes: jax.Array) -> jax.Array:
     """x [M, in] sorted by expert, ``group_sizes`` int32 [E] -> [M, out] in ``x.dtype``.
     Rows past ``sum(group_sizes)`` belong to no expert and come out zero."""
+    if isinstance(w, Adapted):
+        return _plus_adapter(grouped_matmul, x, w, group_sizes)
     if not backend.on_gpu():
         return _tiled_grouped_matmul(x, w, group_sizes)
     if not _is_dense(w):

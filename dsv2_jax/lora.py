@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -35,15 +36,16 @@ from flax import nnx
 from .errors import CheckpointError, ConfigError
 from .layers import rows_dot
 
-# Hub leaf names of the linears an adapter may sit on: the attention's. For the MLP names
-# (gate_proj, up_proj, down_proj) PEFT 0.21 on transformers 5 adapts the fused routed experts
-# (mlp.experts.gate_up_proj / down_proj) and never the dense or shared-expert MLPs, so an
-# interoperable MLP adapter means routed-expert adapters, which are not built yet.
-TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "experts")
+# Hub leaf names of the linears an adapter may sit on. The MLP names adapt the dense MLP (the
+# first layers) and the shared experts, and with ``routed_experts`` the routed experts too.
+ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# An ExpertLoRA's key in ``adapters()``: the hub names of its experts with ``*`` for the number.
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+|\*)\.(gate_proj|up_proj|down_proj)$")
 
 
 class LoRAParam(nnx.Variable):
@@ -58,6 +60,8 @@ class LoRAConfig:
     use_rslora: bool = False
     target_modules: tuple[str, ...] = ("q_proj", "kv_b_proj", "o_proj")
     layers: tuple[int, ...] | None = None  # None: every layer
+    # The MLP targets also adapt each routed expert (one adapter per expert, stacked).
+    routed_experts: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -70,15 +74,13 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout = {self.dropout}: adapter dropout is not built yet "
                               "(use 0.0)")
         bad = [t for t in self.target_modules if t not in TARGETS]
-        mlp = [t for t in bad if t in MLP_TARGETS]
-        if mlp:
-            raise ConfigError(
-                f"lora.target_modules: {mlp}: MLP adapters are not built yet (in PEFT's format, "
-                "for transformers 5, these names adapt the fused routed experts, which this "
-                f"project cannot adapt yet); target the attention linears {list(TARGETS)}")
         if bad or not self.target_modules:
             raise ConfigError(f"lora.target_modules = {list(self.target_modules)}: expected names "
                               f"among {list(TARGETS)}")
+        if self.routed_experts and not set(self.target_modules) & set(MLP_TARGETS):
+            raise ConfigError(f"lora.routed_experts = true needs an MLP name in "
+                              f"lora.target_modules ({list(MLP_TARGETS)}); found "
+                              f"{list(self.target_modules)}")
 
     @property
     def scaling(self) -> float:
@@ -88,6 +90,8 @@ class LoRAConfig:
         """Whether hub module ``model.layers.N.<...>.<leaf>`` gets an adapter."""
         parts = module.split(".")
         if len(parts) < 4 or parts[:2] != ["model", "layers"] or parts[-1] not in self.target_modules:
+            return False
+        if EXPERT_KEY.match(module) and not self.routed_experts:
             return False
         return self.layers is None or int(parts[2]) in self.layers
 
@@ -113,22 +117,55 @@ class LoRA(nnx.Module):
         return self.lora_a[...] @ self.lora_b[...] * self.scaling
 
 
+class ExpertLoRA(nnx.Module):
+    """One :class:`LoRA` per routed expert, stacked: ``a [E, in, r]``, ``b [E, r, out]``; expert
+    ``e`` is the hub module ``model.layers.N.mlp.experts.e.<proj>`` in PEFT's files."""
+
+    def __init__(self, n: int, in_features: int, out_features: int, rank: int, scaling: float, *,
+                 rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_features)
+        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (n, in_features, rank), jnp.float32,
+                                                   -bound, bound))
+        self.lora_b = LoRAParam(jnp.zeros((n, rank, out_features), jnp.float32))
+        self.scaling = scaling
+
+    def delta(self) -> jax.Array:
+        """The adapters as a dense ``[E, in, out]`` float32 update."""
+        return jnp.einsum("eir,ero->eio", self.lora_a[...], self.lora_b[...]) * self.scaling
+
+
 def linears(model):
-    """(hub module name, Linear) for every linear in the decoder layers."""
+    """(hub module name, Linear or ExpertWeights) for every linear in the decoder layers; a
+    routed-expert stack is named ``model.layers.N.mlp.experts.*.<proj>``."""
+    from .expert_weights import ExpertWeights
     from .layers import Linear
 
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, Linear) and len(path) >= 3 and path[0] == "layers":
-            yield ".".join(["model", "layers", *map(str, path[1:])]), node
+        if len(path) < 3 or path[0] != "layers":
+            continue
+        parts = ["model", "layers", *map(str, path[1:])]
+        if isinstance(node, Linear):
+            yield ".".join(parts), node
+        elif isinstance(node, ExpertWeights):
+            yield ".".join(parts[:-1] + ["experts", "*", parts[-1].removeprefix("experts_")]), node
+
+
+def _new_adapter(lin, rank: int, scaling: float, rngs):
+    from .expert_weights import ExpertWeights
+
+    if isinstance(lin, ExpertWeights):
+        return ExpertLoRA(lin.n, lin.in_features, lin.out_features, rank, scaling, rngs=rngs)
+    return LoRA(lin.in_features, lin.out_features, rank, scaling, rngs=rngs)
 
 
 def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
-    """Attach a fresh adapter to every targeted linear of ``model``; returns their hub names."""
+    """Attach a fresh adapter to every targeted linear of ``model``; returns their hub names
+    (``...experts.*.<proj>`` for a stack of routed-expert adapters)."""
     rngs = nnx.Rngs(seed)
     names = []
     for name, lin in linears(model):
         if cfg.applies_to(name):
-            lin.lora = LoRA(lin.in_features, lin.out_features, cfg.rank, cfg.scaling, rngs=rngs)
+            lin.lora = _new_adapter(lin, cfg.rank, cfg.scaling, rngs)
             names.append(name)
     if not names:
         raise ConfigError(f"lora: target_modules {list(cfg.target_modules)} with layers "
@@ -136,8 +173,8 @@ def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
     return names
 
 
-def adapters(model) -> dict[str, LoRA]:
-    """hub module name -> its adapter."""
+def adapters(model) -> dict[str, LoRA | ExpertLoRA]:
+    """hub module name (``...experts.*.<proj>`` for a routed-expert stack) -> its adapter."""
     return {name: lin.lora for name, lin in linears(model) if lin.lora is not None}
 
 
@@ -157,8 +194,11 @@ def peft_config(cfg: LoRAConfig, base_model: str | None = None) -> dict:
     }
 
 
-def read_peft_config(folder) -> LoRAConfig:
-    """The LoRAConfig of a PEFT adapter folder; errors name the file and the key."""
+def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter folder; errors name the file and the key.
+
+    ``tensor_names`` (the adapter file's tensors) decide ``routed_experts``: the MLP names of
+    a PEFT config cover the routed experts exactly when the file holds their tensors."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
@@ -173,6 +213,12 @@ def read_peft_config(folder) -> LoRAConfig:
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if d.get(key):
             raise CheckpointError(f"{path}: {key} = {d[key]!r} is not supported")
+    if d.get("target_parameters"):
+        raise CheckpointError(
+            f"{path}: target_parameters = {d['target_parameters']!r}: adapters on the fused "
+            "routed-expert tensors (the layout PEFT writes for transformers 5 models) are not "
+            "read; save the adapter with the per-expert module names "
+            "(model.layers.N.mlp.experts.E.gate_proj, ...)")
     targets = d.get("target_modules")
     if isinstance(targets, str):
         raise CheckpointError(f"{path}: target_modules = {targets!r} (a regex) is not supported; "
@@ -180,10 +226,13 @@ def read_peft_config(folder) -> LoRAConfig:
     layers = d.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    targets = tuple(targets or ())
+    routed = bool(set(targets) & set(MLP_TARGETS)) and any(
+        EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
     try:
         return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]),
                           dropout=0.0, use_rslora=bool(d.get("use_rslora", False)),
-                          target_modules=tuple(targets or ()),
+                          target_modules=targets, routed_experts=routed,
                           layers=None if layers is None else tuple(int(i) for i in layers))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e}") from None
@@ -191,8 +240,26 @@ def read_peft_config(folder) -> LoRAConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _module_of(tensor_name: str) -> str:
+    """``base_model.model.<module>.lora_A.weight`` -> ``<module>``."""
+    return tensor_name.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0]
+
+
+def _peft_tensors(name: str, lora) -> dict[str, tuple[nnx.Variable, int | None]]:
+    """PEFT tensor name -> (the variable holding it transposed, its expert or None) for one
+    adapter: two tensors, or two per expert for a routed-expert stack."""
+    out = {}
+    experts = range(lora.lora_a[...].shape[0]) if isinstance(lora, ExpertLoRA) else [None]
+    for e in experts:
+        module = name if e is None else name.replace("*", str(e))
+        for which, var in (("lora_A", lora.lora_a), ("lora_B", lora.lora_b)):
+            out[f"{PEFT_PREFIX}{module}.{which}.weight"] = (var, e)
+    return out
+
+
 def save_adapter(model, folder, cfg: LoRAConfig, *, base_model: str | None = None) -> Path:
-    """Write ``model``'s adapters as a PEFT folder, atomically."""
+    """Write ``model``'s adapters as a PEFT folder, atomically (routed experts under the hub's
+    per-expert names, ``model.layers.N.mlp.experts.E.gate_proj.lora_A.weight``)."""
     from safetensors.numpy import save_file
 
     from .atomic import atomic_folder
@@ -200,10 +267,10 @@ def save_adapter(model, folder, cfg: LoRAConfig, *, base_model: str | None = Non
     folder = Path(folder)
     tensors = {}
     for name, lora in adapters(model).items():
-        a = np.asarray(jax.device_get(lora.lora_a[...]), np.float32)
-        b = np.asarray(jax.device_get(lora.lora_b[...]), np.float32)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        host = {id(v): np.asarray(jax.device_get(v[...]), np.float32) for v in (lora.lora_a, lora.lora_b)}
+        for key, (var, e) in _peft_tensors(name, lora).items():
+            arr = host[id(var)] if e is None else host[id(var)][e]
+            tensors[key] = np.ascontiguousarray(arr.T)
     if not tensors:
         raise ValueError("save_adapter: the model has no LoRA adapters")
     with atomic_folder(folder) as tmp:
@@ -217,36 +284,47 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
     from safetensors import safe_open
 
     folder = Path(folder)
-    cfg = read_peft_config(folder)
-    names = add_lora(model, cfg, seed=seed)
+    read_peft_config(folder)  # the config's errors first
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
-    mods = adapters(model)
     try:
         f = safe_open(str(path), framework="numpy")
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
     with f:
         present = set(f.keys())
+        cfg = read_peft_config(folder, present)
+        mods = _attach(model, cfg, seed)
         wanted = set()
-        for name in names:
-            lora = mods[name]
-            for which, var in (("lora_A", lora.lora_a), ("lora_B", lora.lora_b)):
-                key = f"{PEFT_PREFIX}{name}.{which}.weight"
+        for name, lora in mods.items():
+            values = {id(v): np.array(v[...]) for v in (lora.lora_a, lora.lora_b)}
+            for key, (var, e) in _peft_tensors(name, lora).items():
                 wanted.add(key)
                 if key not in present:
                     raise CheckpointError(f"{path}: tensor {key!r} is missing")
                 arr = f.get_tensor(key).astype(np.float32).T
-                if arr.shape != var[...].shape:
+                want = values[id(var)].shape if e is None else values[id(var)].shape[1:]
+                if arr.shape != want:
                     raise CheckpointError(f"{path}: tensor {key!r} has shape {list(arr.T.shape)}, "
-                                          f"expected {list(var[...].T.shape)}")
-                var.set_value(jnp.asarray(arr))
+                                          f"expected {list(want[::-1])}")
+                if e is None:
+                    values[id(var)] = arr
+                else:
+                    values[id(var)][e] = arr
+            for var in (lora.lora_a, lora.lora_b):
+                var.set_value(jnp.asarray(values[id(var)]))
         extra = sorted(present - wanted)
         if extra:
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} (the config's "
                                   f"target_modules / layers_to_transform do not cover it)")
     return cfg
+
+
+def _attach(model, cfg: LoRAConfig, seed: int) -> dict:
+    names = add_lora(model, cfg, seed=seed)
+    mods = adapters(model)
+    return {n: mods[n] for n in names}
 
 
 def merge(model) -> None:

@@ -104,11 +104,91 @@ def test_merged_export_is_read_by_transformers_with_the_same_logits(tmp_path):
     assert np.abs(got - want).max() <= 1e-4
 
 
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def peft_v4_names(monkeypatch):
+    """PEFT 0.21 on transformers 5 reads the MLP names as the fused routed experts only (its
+    v4 -> v5 conversion); switched off, they mean every nn.Linear of that name, as on the hub's
+    own model code: the dense MLP and the shared experts (transformers 5 fuses the routed ones)."""
+    import peft.utils.transformers_weight_conversion as conv
+
+    monkeypatch.setattr(conv, "convert_peft_config_for_transformers", lambda *a, **k: None)
+
+
+def test_dense_and_shared_expert_mlp_adapters_match_peft_both_ways(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    peft_v4_names(monkeypatch)
+    base = write_checkpoint(tmp_path / "base", LITE, seed=7)  # layer 0 dense, 1-2 MoE + shared
+    model = dsv2_jax.load(base, dtype="float32")
+    lora = LoRAConfig(rank=3, alpha=6, target_modules=("kv_b_proj",) + MLP)
+    names = add_lora(model, lora)
+    assert sorted(n for n in names if "mlp" in n) == sorted(
+        [f"model.layers.0.mlp.{m}" for m in MLP]
+        + [f"model.layers.{i}.mlp.shared_experts.{m}" for i in (1, 2) for m in MLP])
+    randomize(model, seed=8)
+    ours = np.asarray(model(jnp.asarray(IDS)))
+    save_adapter(model, tmp_path / "adapter", lora)
+    theirs = peft_logits(peft_model(base, tmp_path / "adapter"))
+    moved = np.abs(ours - np.asarray(dsv2_jax.load(base, dtype="float32")(jnp.asarray(IDS)))).max()
+    print(f"\nMLP adapters: ours vs PEFT max |Δ logit| {np.abs(ours - theirs).max():.2e} (adapters move "
+          f"logits by {moved:.2f})")
+    assert np.abs(ours - theirs).max() <= 1e-4 and moved > 0.1
+    # And an MLP adapter PEFT creates (random A and B) loads here with PEFT's logits.
+    torch.manual_seed(1)
+    hf = get_peft_model(load_hf(base), LoraConfig(r=2, lora_alpha=5, target_modules=list(MLP),
+                                                   init_lora_weights=False))
+    hf.save_pretrained(str(tmp_path / "peft"))
+    model = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "peft")
+    assert len(adapters(model)) == 9 and not model.lora_config.routed_experts
+    assert np.abs(np.asarray(model(jnp.asarray(IDS))) - peft_logits(hf.eval())).max() <= 1e-4
+
+
+def test_routed_expert_adapters_match_peft_reading_our_per_expert_names(tmp_path):
+    """PEFT reads our per-expert tensors (the hub's module names) into transformers 5's fused
+    experts through its own v4 -> v5 conversion; logits and greedy decode (the gathered-expert
+    path) equal PEFT's. The dense / shared-expert adapters, which that conversion drops, are
+    zero here (the test above checks them)."""
+    base = write_checkpoint(tmp_path / "base", LITE, seed=9)
+    model = dsv2_jax.load(base, dtype="float32")
+    lora = LoRAConfig(rank=2, alpha=3, target_modules=("q_proj",) + MLP, routed_experts=True)
+    names = add_lora(model, lora)
+    assert sorted(n for n in names if "experts.*" in n) == sorted(
+        f"model.layers.{i}.mlp.experts.*.{m}" for i in (1, 2) for m in MLP)
+    randomize(model, seed=10)
+    for name, ad in adapters(model).items():
+        if name.startswith("model.layers.0.mlp") or "shared_experts" in name:
+            ad.lora_b.set_value(jnp.zeros_like(ad.lora_b[...]))
+    ours = np.asarray(model(jnp.asarray(IDS)))
+    save_adapter(model, tmp_path / "adapter", lora)
+    hf = peft_model(base, tmp_path / "adapter")
+    assert any("experts.base_layer.lora_A" in n for n, _ in hf.named_parameters())
+    err = np.abs(ours - peft_logits(hf)).max()
+    moved = np.abs(ours - np.asarray(dsv2_jax.load(base, dtype="float32")(jnp.asarray(IDS)))).max()
+    print(f"\nrouted-expert adapters: ours vs PEFT max |Δ logit| {err:.2e} (move logits by {moved:.2f})")
+    assert err <= 1e-4 and moved > 0.1
+    back = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "adapter")
+    assert back.lora_config.routed_experts
+    assert np.abs(np.asarray(back(jnp.asarray(IDS))) - ours).max() <= 1e-5
+    prompt = [int(t) for t in IDS[0]]
+    ours_tokens = dsv2_jax.generate(back, prompt_ids=[prompt], max_new_tokens=6,
+                                    ignore_eos=True).token_ids[0]
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert list(ours_tokens) == out[0, len(prompt):].tolist()
+    # Merged into the base, transformers reads the same model.
+    merge(back)
+    dsv2_jax.save(back, tmp_path / "merged")
+    assert np.abs(hf_forward(load_hf(tmp_path / "merged"), IDS)[0] - ours).max() <= 1e-4
+
+
 def test_bad_lora_settings_and_adapters_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.target_modules = \['qkv'\]: expected names among"):
         LoRAConfig(target_modules=("qkv",))
-    with pytest.raises(ConfigError, match=r"\['down_proj'\]: MLP adapters are not built yet"):
-        LoRAConfig(target_modules=("q_proj", "down_proj"))
+    with pytest.raises(ConfigError, match=r"lora.routed_experts = true needs an MLP name"):
+        LoRAConfig(target_modules=("q_proj",), routed_experts=True)
     with pytest.raises(ConfigError, match="lora.rank = 0"):
         LoRAConfig(rank=0)
     base = write_checkpoint(tmp_path / "base", LITE, seed=6)

@@ -164,3 +164,67 @@ def test_qlora_on_the_awq_demo_starts_exact_and_learns(tmp_path):
           f"{np.mean(losses[-3:]):.3f} (steps 10-12)")
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+
+
+def test_routed_expert_adapter_gradients_equal_peft_autograd(tmp_path):
+    """PEFT stores transformers 5's fused experts' adapters in its own layout (experts
+    flattened into the rank axis, gate and up concatenated, B block-diagonal). Where each of
+    our numbers lands there is found by loading an adapter whose entries are their own index;
+    then the gradients of random adapters are compared entry by entry."""
+    from peft import PeftModel
+
+    base = write_checkpoint(tmp_path / "base", LITE, seed=11)
+    cfg = LoRAConfig(rank=2, alpha=3, target_modules=("gate_proj", "up_proj", "down_proj"),
+                     routed_experts=True)
+
+    def ours_and_peft(fill):
+        model = dsv2_jax.load(base, dtype="float32")
+        add_lora(model, cfg)
+        fill(model)
+        folder = tmp_path / f"adapter-{fill.__name__}"
+        save_adapter(model, folder, cfg)
+        hf = PeftModel.from_pretrained(load_hf(base), str(folder), is_trainable=True)
+        return model, hf, {n: p for n, p in hf.named_parameters() if "experts" in n and "lora_" in n}
+
+    def routed(model):  # the routed experts' adapter variables, in a fixed order
+        return [getattr(a, w) for n, a in sorted(adapters(model).items()) if "experts.*" in n
+                for w in ("lora_a", "lora_b")]
+
+    def numbered(model):
+        start = 1
+        for name, ad in adapters(model).items():
+            if "experts.*" not in name:
+                ad.lora_b.set_value(jnp.zeros_like(ad.lora_b[...]))  # PEFT 0.21 drops these
+        for var in routed(model):
+            size = var[...].size
+            var.set_value(jnp.arange(start, start + size, dtype=jnp.float32).reshape(var[...].shape))
+            start += size
+
+    model, _, fused = ours_and_peft(numbered)
+    where = {}  # our flat index -> (PEFT tensor, flat position)
+    for pname, p in fused.items():
+        flat = p.detach().numpy().reshape(-1)
+        for pos in np.flatnonzero(flat):
+            where[int(flat[pos]) - 1] = (pname, int(pos))
+    total = sum(var[...].size for var in routed(model))
+    assert len(where) == total  # every number of ours sits once in PEFT's tensors
+
+    def random(model):
+        randomize(model, seed=12)
+        for name, ad in adapters(model).items():
+            if "experts.*" not in name:
+                ad.lora_b.set_value(jnp.zeros_like(ad.lora_b[...]))
+
+    model, hf, fused = ours_and_peft(random)
+    logits = hf(torch.tensor(IDS[:, :-1])).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                      torch.tensor(IDS[:, 1:]).reshape(-1)).backward()
+    theirs_flat = {n: p.grad.numpy().reshape(-1) for n, p in fused.items()}
+    graphdef, _, rest = nnx.split(model, LoRAParam, ...)
+    as_model = nnx.merge(graphdef, our_grads(model), rest)  # the gradients in the adapters' places
+    ours_flat = np.concatenate([np.asarray(var[...]).reshape(-1) for var in routed(as_model)])
+    theirs = np.array([theirs_flat[where[i][0]][where[i][1]] for i in range(total)])
+    print(f"\nrouted-expert adapter gradients: {total} entries, max |ours - PEFT| "
+          f"{np.abs(ours_flat - theirs).max():.2e} (max |g| {np.abs(theirs).max():.2e})")
+    np.testing.assert_allclose(ours_flat, theirs, rtol=2e-3, atol=2e-6)
+    assert np.abs(theirs).max() > 1e-4

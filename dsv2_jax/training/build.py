@@ -215,7 +215,7 @@ def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
         got = load_adapter(model, resolve_model_path(cfg.lora.init_from))
     except (HubError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         raise ConfigError(f"lora.init_from: {e}") from None
-    for key in ("rank", "alpha", "use_rslora", "target_modules", "layers"):
+    for key in ("rank", "alpha", "use_rslora", "target_modules", "layers", "routed_experts"):
         a, b = getattr(got, key), getattr(want, key)
         if (sorted(a) if key == "target_modules" else a) != (sorted(b) if key == "target_modules" else b):
             raise bad_value(f"lora.{key}", b, f"the adapter in lora.init_from has {a!r}")

@@ -165,6 +165,7 @@ class LoraSection:
     use_rslora: bool = False
     target_modules: tuple[str, ...] = ("q_proj", "kv_b_proj", "o_proj")
     layers: tuple[int, ...] | None = None  # null: every layer
+    routed_experts: bool = False  # the MLP targets also adapt each routed expert
     init_from: str | None = None
 
 
