@@ -55,8 +55,9 @@ def test_awq_logits_of_gpu_paths_equal_cpu_paths(result, phase):
 
 def test_qlora_gradients_through_the_awq_kernels(tmp_path):
     """QLoRA on GPU backpropagates through the packed base: the fused / dequant AWQ kernels and
-    the grouped expert kernel have VJPs in x. Adapter gradients (B non-zero, so A's gradients
-    are too) on the GPU paths in interpret mode equal those of the CPU reference path."""
+    the grouped expert kernel have VJPs in x. The routed experts' adapters run through the dense
+    grouped kernel (forward, dx, dW) beside the packed experts. Adapter gradients (B non-zero,
+    so A's gradients are too) on the GPU paths in interpret mode equal those of the CPU path."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -70,7 +71,9 @@ def test_qlora_gradients_through_the_awq_kernels(tmp_path):
     dense = write_checkpoint(tmp_path / "dense", CFG, seed=3)
     model = dsv2_jax.load(quantize_checkpoint(dense, tmp_path / "awq", group_size=32, method="rtn"),
                           dtype="float32")
-    add_lora(model, LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "kv_b_proj", "o_proj")))
+    add_lora(model, LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "kv_b_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"),
+                               routed_experts=True))
     graphdef, adapters, rest = nnx.split(model, LoRAParam, ...)
     adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), adapters)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, CFG["vocab_size"], (2, 40)), jnp.int32)
@@ -87,11 +90,12 @@ def test_qlora_gradients_through_the_awq_kernels(tmp_path):
     with backend.target("gpu", interpret=True):
         got_loss, got = jax.jit(jax.value_and_grad(loss))(adapters, rest)
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(adapters, rest))
-    for kernel in ("awq_matmul", "awq_dequant", "awq_grouped_matmul", "grouped_matmul_dx"):
+    for kernel in ("awq_matmul", "awq_dequant", "awq_grouped_matmul", "grouped_matmul_dx",
+                   "grouped_matmul_dw"):
         assert f"name={kernel}" in jaxpr, kernel
     assert abs(float(got_loss) - float(want_loss)) <= 1e-5
     pairs = list(zip(jax.tree.leaves(want), jax.tree.leaves(got)))
-    assert len(pairs) == 2 * 3 * 2  # 2 layers x 3 targets x (A, B)
+    assert len(pairs) == 2 * 9 * 2  # 2 layers x (3 attention, 3 shared, 3 routed) x (A, B)
     scale = max(float(jnp.abs(w).max()) for w, _ in pairs)
     assert scale > 1e-4
     for w, g in pairs:
