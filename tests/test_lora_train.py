@@ -4,6 +4,7 @@ adapters in the optimizer state, QLoRA on the AWQ demo, export, resume after SIG
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -228,3 +229,71 @@ def test_routed_expert_adapter_gradients_equal_peft_autograd(tmp_path):
           f"{np.abs(ours_flat - theirs).max():.2e} (max |g| {np.abs(theirs).max():.2e})")
     np.testing.assert_allclose(ours_flat, theirs, rtol=2e-3, atol=2e-6)
     assert np.abs(theirs).max() > 1e-4
+
+
+def test_lora_run_exports_adapter_merge_and_merge_awq(tmp_path, capfd):
+    """A lora: run (attention, shared and routed experts) exported three ways: the PEFT folder
+    (read back here, and by infer.generate --adapter), --merge (read by transformers) and
+    --merge --awq (each packed weight within one quantization step of base + B A · scaling,
+    computed here with NumPy from the base's and the adapter's files)."""
+    from hf_ref import hf_forward
+    from safetensors.numpy import load_file
+
+    from dsv2_jax.quant.awq import dequantize
+    from infer import generate as cli
+    from train import export, run
+
+    base = write_checkpoint(tmp_path / "base", dict(LITE, vocab_size=258), seed=13)
+    path = tiny_lora_run(tmp_path, base, lora={"target_modules": list(TARGETS) + [
+        "gate_proj", "up_proj", "down_proj"], "routed_experts": True},
+        schedule={"warmup_steps": 0, "peak_lr": 1e-2, "total_steps": 3, "decay_points": []},
+        logging={"progress": False})
+    assert run.main(["--config", str(path)]) == 0
+    run_dir = str(tmp_path / "tiny")
+    trained, _, tok = export.load_run_model(run_dir)
+    ids = np.array([tok.encode("The old king sees a river.", add_bos=True)])
+    want = np.asarray(trained(jnp.asarray(ids)))
+    moved = np.abs(want - np.asarray(dsv2_jax.load(base, dtype="float32")(jnp.asarray(ids)))).max()
+    assert moved > 0.01  # three steps moved the adapters away from B = 0
+
+    assert export.main([run_dir, "--adapter", str(tmp_path / "adapter")]) == 0
+    back = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "adapter")
+    assert back.lora_config.routed_experts
+    np.testing.assert_allclose(np.asarray(back(jnp.asarray(ids))), want, atol=1e-5)
+
+    assert export.main([run_dir, "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert np.abs(hf_forward(load_hf(tmp_path / "merged"), ids)[0] - want).max() <= 1e-4
+
+    assert export.main([run_dir, "--out", str(tmp_path / "awq"), "--merge", "--awq",
+                        "--group-size", "32", "--method", "rtn"]) == 0
+    q = dsv2_jax.load(tmp_path / "awq", dtype="float32")
+    hub = load_file(str(base / "model.safetensors"))
+    ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    scaling = 8 / 4  # alpha / rank
+    checked = 0
+    expert5 = jax.tree.map(lambda a: a[5], q.layers[2].mlp.experts_down_proj.base())
+    for name, got in (("layers.1.self_attn.kv_b_proj", q.layers[1].self_attn.kv_b_proj.awq_weight()),
+                      ("layers.1.mlp.shared_experts.up_proj",
+                       q.layers[1].mlp.shared_experts.up_proj.awq_weight()),
+                      ("layers.2.mlp.experts.5.down_proj", expert5)):
+        a = ad[f"base_model.model.model.{name}.lora_A.weight"]
+        b = ad[f"base_model.model.model.{name}.lora_B.weight"]
+        w = hub[f"model.{name}.weight"].astype(np.float64)
+        merged = (w + scaling * b.astype(np.float64) @ a).T  # [in, out]
+        deq = np.asarray(dequantize(got, jnp.float32))
+        step = np.repeat(np.asarray(got.scales, np.float32), 32, axis=0)
+        assert np.all(np.abs(deq - merged) <= step * 1.01 + 1e-6), name
+        checked += deq.size
+    assert checked > 1000
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the run's tokenizer, for the CLI
+        shutil.copy(tmp_path / "merged" / f, base / f)
+    capfd.readouterr()
+    assert cli.main(["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--dtype",
+                     "float32", "--prompt", "The old king", "--max-new-tokens", "5", "--ignore-eos",
+                     "--json"]) == 0
+    out = json.loads(capfd.readouterr().out)
+    prompt = tok.encode("The old king", add_bos=True)
+    assert out["prompt_ids"] == prompt
+    ours = dsv2_jax.generate(trained, prompt_ids=[prompt], max_new_tokens=5, ignore_eos=True)
+    assert out["output_ids"] == list(ours.token_ids[0])
