@@ -174,11 +174,11 @@ LORA_TARGETS = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
 def lora_step(base: str = "awq", tokens: int = 4096, rank: int = 16, target: str = "h200",
-              remat: str = "full", mlp: bool = False) -> gpu_aot.Report:
+              remat: str = "full", mlp: bool = False, dropout: float = 0.0) -> gpu_aot.Report:
     """One LoRA (bf16 base) or QLoRA (AWQ g64 base) training step on one GPU: adapters of
     ``rank`` on the attention linears of every layer (``mlp``: and on every MLP linear, one per
-    routed expert too), one sequence of ``tokens`` tokens; the frozen base is an argument,
-    AdamW state covers the adapters only."""
+    routed expert too; ``dropout`` on the adapters' input), one sequence of ``tokens`` tokens;
+    the frozen base is an argument, AdamW state covers the adapters only."""
     from .lora import LoRAConfig, LoRAParam, add_lora
     from .model import DeepseekV2
     from .training import lr_schedule, make_optimizer
@@ -187,7 +187,8 @@ def lora_step(base: str = "awq", tokens: int = 4096, rank: int = 16, target: str
     cfg = v2_lite(base)
     mesh = _mesh(target, 1)
     targets = LORA_TARGETS + (("gate_proj", "up_proj", "down_proj") if mlp else ())
-    lora = LoRAConfig(rank=rank, alpha=2 * rank, target_modules=targets, routed_experts=mlp)
+    lora = LoRAConfig(rank=rank, alpha=2 * rank, target_modules=targets, routed_experts=mlp,
+                      dropout=dropout)
 
     def build():
         model = DeepseekV2(cfg, rngs=nnx.Rngs(0), param_dtype="bfloat16", dtype="bfloat16")
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", action="store_true", help="also list every launch (registers, spills)")
     p.add_argument("--lora-mlp", action="store_true",
                    help="lora: adapters on the MLPs and each routed expert too")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: the adapters' dropout")
     a = p.parse_args(argv)
     kw = {} if a.target is None else {"target": a.target}
     if a.program in ("decode", "prefill"):
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     elif a.program == "moe":
         r = moe_layer(a.tokens, kernels=a.kernels, **kw)
     elif a.program == "lora":
-        r = lora_step(a.quant, a.tokens, mlp=a.lora_mlp, **kw)
+        r = lora_step(a.quant, a.tokens, mlp=a.lora_mlp, dropout=a.lora_dropout, **kw)
     else:
         r = train_step(a.devices, a.tokens, **kw)
     out = {"program": a.program, "target": r.target, "devices": r.devices, "memory_gib": r.memory.gib()}

@@ -70,9 +70,10 @@ class LoRAConfig:
             raise ConfigError(f"lora.alpha = {self.alpha!r}: expected > 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout = {self.dropout!r}: expected 0 <= dropout < 1")
-        if self.dropout:
-            raise ConfigError(f"lora.dropout = {self.dropout}: adapter dropout is not built yet "
-                              "(use 0.0)")
+        if self.dropout and self.routed_experts:
+            raise ConfigError(f"lora.dropout = {self.dropout} with lora.routed_experts = true: "
+                              "dropout on the routed experts' adapters is not built (PEFT "
+                              "refuses it for fused experts too); use dropout 0.0")
         bad = [t for t in self.target_modules if t not in TARGETS]
         if bad or not self.target_modules:
             raise ConfigError(f"lora.target_modules = {list(self.target_modules)}: expected names "
@@ -97,24 +98,59 @@ class LoRAConfig:
 
 
 class LoRA(nnx.Module):
-    """``x -> (x @ A) @ B · scaling``; A as PEFT initialises it (Kaiming-uniform, a = √5, which
-    is U(±1/√in)), B zero, so a new adapter leaves the model unchanged."""
+    """``x -> (dropout(x) @ A) @ B · scaling``; A as PEFT initialises it (Kaiming-uniform, a = √5,
+    which is U(±1/√in)), B zero, so a new adapter leaves the model unchanged.
+
+    Dropout (PEFT's ``lora_dropout``: inverted dropout on the adapter's input only) acts while
+    ``dropout_key`` holds a key, which the training step sets (:func:`set_dropout_keys`) for
+    each micro-batch; without one (inference, evaluation) the adapter is deterministic."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, *,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, dropout: float = 0.0):
         bound = 1.0 / math.sqrt(in_features)
         self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32,
                                                    -bound, bound))
         self.lora_b = LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
         self.scaling = scaling
+        self.dropout = dropout
+        self.dropout_key = nnx.data(None)  # uint32 key data, set per micro-batch in training
+
+    @property
+    def dropping(self) -> bool:
+        """Whether dropout acts on the next call (then the adapter depends on its input's rows
+        and cannot be folded into the weight)."""
+        return self.dropout > 0 and self.dropout_key is not None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropping:
+            keep = 1.0 - self.dropout
+            x = jnp.where(dropout_mask(self.dropout_key, self.dropout, x.shape), x / keep, 0).astype(x.dtype)
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
         return rows_dot(rows_dot(x, a), b) * jnp.asarray(self.scaling, x.dtype)
 
     def delta(self) -> jax.Array:
-        """The adapter as a dense ``[in, out]`` float32 update."""
+        """The adapter as a dense ``[in, out]`` float32 update (no dropout: refused while it acts)."""
+        if self.dropping:
+            raise ValueError("LoRA.delta: the adapter's dropout is active (a training forward), "
+                             "so it cannot be folded into the weight; call the Linear instead")
         return self.lora_a[...] @ self.lora_b[...] * self.scaling
+
+
+def dropout_mask(key_data: jax.Array, rate: float, shape) -> jax.Array:
+    """True where an input value is kept (probability 1 - rate), from uint32 key data."""
+    return jax.random.bernoulli(jax.random.wrap_key_data(key_data), 1.0 - rate, shape)
+
+
+def set_dropout_keys(model, key: jax.Array) -> int:
+    """Give each adapter with dropout its own key, ``fold_in(key, i)`` for the i-th adapter in
+    graph order (``key``: a typed key). Returns how many adapters got one."""
+    n = 0
+    for _, lin in linears(model):
+        lora = lin.lora
+        if isinstance(lora, LoRA) and lora.dropout > 0:
+            lora.dropout_key = jax.random.key_data(jax.random.fold_in(key, n))
+            n += 1
+    return n
 
 
 class ExpertLoRA(nnx.Module):
@@ -150,12 +186,12 @@ def linears(model):
             yield ".".join(parts[:-1] + ["experts", "*", parts[-1].removeprefix("experts_")]), node
 
 
-def _new_adapter(lin, rank: int, scaling: float, rngs):
+def _new_adapter(lin, cfg: LoRAConfig, rngs):
     from .expert_weights import ExpertWeights
 
     if isinstance(lin, ExpertWeights):
-        return ExpertLoRA(lin.n, lin.in_features, lin.out_features, rank, scaling, rngs=rngs)
-    return LoRA(lin.in_features, lin.out_features, rank, scaling, rngs=rngs)
+        return ExpertLoRA(lin.n, lin.in_features, lin.out_features, cfg.rank, cfg.scaling, rngs=rngs)
+    return LoRA(lin.in_features, lin.out_features, cfg.rank, cfg.scaling, rngs=rngs, dropout=cfg.dropout)
 
 
 def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
@@ -165,7 +201,7 @@ def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
     names = []
     for name, lin in linears(model):
         if cfg.applies_to(name):
-            lin.lora = _new_adapter(lin, cfg.rank, cfg.scaling, rngs)
+            lin.lora = _new_adapter(lin, cfg, rngs)
             names.append(name)
     if not names:
         raise ConfigError(f"lora: target_modules {list(cfg.target_modules)} with layers "
@@ -229,9 +265,12 @@ def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
     targets = tuple(targets or ())
     routed = bool(set(targets) & set(MLP_TARGETS)) and any(
         EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
+    # Dropout only matters when training on: kept for the other adapters, left out when the
+    # routed experts are adapted (no dropout is built for those; reading such a file is fine).
+    dropout = 0.0 if routed else float(d.get("lora_dropout") or 0.0)
     try:
         return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]),
-                          dropout=0.0, use_rslora=bool(d.get("use_rslora", False)),
+                          dropout=dropout, use_rslora=bool(d.get("use_rslora", False)),
                           target_modules=targets, routed_experts=routed,
                           layers=None if layers is None else tuple(int(i) for i in layers))
     except KeyError as e:

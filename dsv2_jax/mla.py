@@ -155,8 +155,13 @@ class MLA(nnx.Module):
         past ``BLOCK`` tokens that one runs blockwise, never holding [B, nh, T, T] scores (on
         GPU in the Pallas kernel ``kernels.mla_attention``, elsewhere as a scan in JAX)."""
         cfg = self.cfg
-        w = self.kv_b_weight(after=c_kv)
-        kv = rows_dot(c_kv, w.reshape(w.shape[0], -1)).reshape(*c_kv.shape[:2], *w.shape[1:])  # [B, S, nh, 256]
+        heads = (cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        if self.kv_b_proj.lora is not None and self.kv_b_proj.lora.dropping:
+            # a training forward with adapter dropout: the adapter sees each token's c_kv
+            kv = self.kv_b_proj(c_kv).astype(self.dtype).reshape(*c_kv.shape[:2], *heads)
+        else:
+            w = self.kv_b_weight(after=c_kv)
+            kv = rows_dot(c_kv, w.reshape(w.shape[0], -1)).reshape(*c_kv.shape[:2], *heads)  # [B, S, nh, 256]
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
         if isinstance(mask, SegmentMask):
             if q_nope.shape[1] > BLOCK:

@@ -25,8 +25,9 @@ def committed(ckpt_dir: Path, step: int) -> bool:
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, lora):
-    """``lora``: adapters on a frozen base checkpoint (the resumed run reloads the base from
-    model.init_from and the adapters and their AdamW state from its checkpoint)."""
+    """``lora``: adapters with dropout on a frozen base checkpoint (the resumed run reloads the
+    base from model.init_from and the adapters, their AdamW state and the RNG from its
+    checkpoint)."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -38,7 +39,9 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, lora):
 
         base = write_checkpoint(tmp_path / "base", dict(LITE, **TINY_MODEL), seed=1)
         sections.update(model={"preset": None, "init_from": str(base), "overrides": {}},
-                        lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "kv_b_proj"]},
+                        # dropout: the masks come from the step's RNG, which the checkpoint keeps
+                        lora={"rank": 4, "alpha": 8, "dropout": 0.1,
+                              "target_modules": ["q_proj", "kv_b_proj"]},
                         schedule={"total_steps": 12, "warmup_steps": 2, "peak_lr": 1e-2})
     reference = write_tiny_run(tmp_path, name="reference", **sections)
     crashed = write_tiny_run(tmp_path, name="crashed", **sections)

@@ -198,7 +198,7 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
 
 def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
     """The frozen base (compute dtype, or AWQ-packed as stored) with float32 adapters."""
-    from ..lora import add_lora, load_adapter
+    from ..lora import LoRA, adapters, add_lora, load_adapter
     from .config import lora_config
 
     if is_run_dir(init_folder):
@@ -219,4 +219,7 @@ def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
         a, b = getattr(got, key), getattr(want, key)
         if (sorted(a) if key == "target_modules" else a) != (sorted(b) if key == "target_modules" else b):
             raise bad_value(f"lora.{key}", b, f"the adapter in lora.init_from has {a!r}")
+    for lora in adapters(model).values():  # this run's dropout, whatever the adapter trained with
+        if isinstance(lora, LoRA):
+            lora.dropout = want.dropout
     return model

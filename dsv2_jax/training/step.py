@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from ..attention import SegmentMask
+from ..lora import set_dropout_keys
 from ..model import ModelOutput
 from ..rope import cos_sin
 from .losses import cross_entropy, expert_load, total_balance_loss
@@ -42,7 +43,7 @@ class TrainState:
     params: Any  # nnx.State of the model's nnx.Param variables (master weights)
     opt_state: Any
     step: jax.Array  # int32 scalar: optimizer updates done
-    rng: jax.Array  # uint32 key data; advanced every step (no stochastic layer uses it yet)
+    rng: jax.Array  # uint32 key data; advanced every step (LoRA dropout draws from it)
 
 
 def init_state(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -139,16 +140,20 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
         if nan_at_step is not None:  # NaN times the loss: the loss and every gradient are NaN
             scale = jnp.where(state.step + 1 == nan_at_step, jnp.float32(jnp.nan), 1.0)
 
-        def loss_fn(params, mb):
+        step_key = jax.random.wrap_key_data(state.rng)
+
+        def loss_fn(params, mb, i):
             model = nnx.merge(graphdef, params, rest)
+            set_dropout_keys(model, jax.random.fold_in(step_key, i))  # LoRA dropout, if any
             loss, aux = _micro_loss(model, config, mb, n_total, accum, remat, document_mask)
             return loss * scale, aux
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def body(carry, mb):
+        def body(carry, mb_i):
+            mb, i = mb_i
             grads, loss, ce, bal, loads = carry
-            (l, (c, b, ld)), g = grad_fn(state.params, mb)
+            (l, (c, b, ld)), g = grad_fn(state.params, mb, i)
             grads = jax.tree.map(jnp.add, grads, g)
             if param_shardings is not None:
                 grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -162,9 +167,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation,
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0),
                 jnp.zeros((n_moe, n_exp), jnp.float32))
         if accum == 1:  # no loop: XLA optimises across the whole step
-            (grads, loss, ce_sum, bal, loads), _ = body(init, jax.tree.map(lambda a: a[0], batch))
+            (grads, loss, ce_sum, bal, loads), _ = body(init, (jax.tree.map(lambda a: a[0], batch), 0))
         else:
-            (grads, loss, ce_sum, bal, loads), _ = jax.lax.scan(body, init, batch)
+            (grads, loss, ce_sum, bal, loads), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
