@@ -62,6 +62,9 @@ class LoRAConfig:
     layers: tuple[int, ...] | None = None  # None: every layer
     # The MLP targets also adapt each routed expert (one adapter per expert, stacked).
     routed_experts: bool = False
+    # The MLP targets adapt the dense MLP and the shared experts (false: the routed experts
+    # only, which is what PEFT on transformers 5 reads these names as).
+    dense_mlps: bool = True
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -78,6 +81,9 @@ class LoRAConfig:
         if bad or not self.target_modules:
             raise ConfigError(f"lora.target_modules = {list(self.target_modules)}: expected names "
                               f"among {list(TARGETS)}")
+        if not self.dense_mlps and not self.routed_experts:
+            raise ConfigError("lora.dense_mlps = false needs lora.routed_experts = true (the MLP "
+                              "names would adapt nothing)")
         if self.routed_experts and not set(self.target_modules) & set(MLP_TARGETS):
             raise ConfigError(f"lora.routed_experts = true needs an MLP name in "
                               f"lora.target_modules ({list(MLP_TARGETS)}); found "
@@ -92,7 +98,10 @@ class LoRAConfig:
         parts = module.split(".")
         if len(parts) < 4 or parts[:2] != ["model", "layers"] or parts[-1] not in self.target_modules:
             return False
-        if EXPERT_KEY.match(module) and not self.routed_experts:
+        if EXPERT_KEY.match(module):
+            if not self.routed_experts:
+                return False
+        elif parts[-1] in MLP_TARGETS and not self.dense_mlps:
             return False
         return self.layers is None or int(parts[2]) in self.layers
 
@@ -230,48 +239,82 @@ def peft_config(cfg: LoRAConfig, base_model: str | None = None) -> dict:
     }
 
 
-def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
-    """The LoRAConfig of a PEFT adapter folder; errors name the file and the key.
-
-    ``tensor_names`` (the adapter file's tensors) decide ``routed_experts``: the MLP names of
-    a PEFT config cover the routed experts exactly when the file holds their tensors."""
+def peft_config_dict(folder) -> tuple[Path, dict]:
+    """(the path of ``folder``'s adapter_config.json, its contents); errors name the file."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     try:
-        d = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+# PEFT on transformers 5 adapts DeepSeek-V2's fused routed experts (one [E, out, in] parameter
+# per layer: mlp.experts.gate_up_proj = [gate; up] and mlp.experts.down_proj) through
+# ``target_parameters``; each gets lora_A [E·R, in] (expert-major rows) and lora_B [out, R·E]
+# (expert-minor columns), R its own rank (PEFT's rank_pattern doubles it for gate_up_proj).
+FUSED_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first pattern matching a suffix of ``key``."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter folder; errors name the file and the key.
+
+    ``tensor_names`` (the adapter file's tensors) decide ``routed_experts`` and ``dense_mlps``:
+    the MLP names of a PEFT config cover the routed experts, and the dense and shared-expert
+    MLPs, exactly when the file holds their tensors. A folder with ``target_parameters`` (the
+    fused experts of transformers 5) adapts the routed experts only, with their own ranks
+    (read by :func:`load_adapter`)."""
+    path, d = peft_config_dict(folder)
     for key, want in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False),
                       ("fan_in_fan_out", False)):
         if d.get(key, want) != want:
             raise CheckpointError(f"{path}: {key} = {d[key]!r}; only {want!r} is supported")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
-        if d.get(key):
-            raise CheckpointError(f"{path}: {key} = {d[key]!r} is not supported")
-    if d.get("target_parameters"):
-        raise CheckpointError(
-            f"{path}: target_parameters = {d['target_parameters']!r}: adapters on the fused "
-            "routed-expert tensors (the layout PEFT writes for transformers 5 models) are not "
-            "read; save the adapter with the per-expert module names "
-            "(model.layers.N.mlp.experts.E.gate_proj, ...)")
+    if d.get("modules_to_save"):
+        raise CheckpointError(f"{path}: modules_to_save = {d['modules_to_save']!r} is not supported")
     targets = d.get("target_modules")
     if isinstance(targets, str):
         raise CheckpointError(f"{path}: target_modules = {targets!r} (a regex) is not supported; "
                               "expected a list of module names")
+    targets = tuple(targets or ())
+    fused = [str(t).rpartition(".")[2] for t in d.get("target_parameters") or ()]
+    bad = [t for t in fused if t not in FUSED_PARAMS]
+    if bad:
+        raise CheckpointError(f"{path}: target_parameters {bad}: expected the fused routed experts "
+                              f"{sorted(FUSED_PARAMS)}")
+    for key in ("rank_pattern", "alpha_pattern"):  # only the fused experts may have their own
+        hit = [p for p in d.get(key) or {} if not fused
+               or any(re.match(rf"(.*\.)?({p})$", f"model.layers.0.self_attn.{t}") for t in targets)]
+        if hit:
+            raise CheckpointError(f"{path}: {key} {hit} is not supported (only for the fused "
+                                  "routed experts of target_parameters)")
     layers = d.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    targets = tuple(targets or ())
-    routed = bool(set(targets) & set(MLP_TARGETS)) and any(
-        EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
+    if fused:
+        targets += tuple(m for f in dict.fromkeys(fused) for m in FUSED_PARAMS[f])
+        routed, dense = True, False
+    else:
+        mlp = bool(set(targets) & set(MLP_TARGETS))
+        routed = mlp and any(EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
+        # Without tensors of the dense / shared-expert MLPs, the MLP names adapted the experts only.
+        dense = not routed or any(_module_of(k).rsplit(".", 1)[-1] in MLP_TARGETS
+                                  and not EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
     # Dropout only matters when training on: kept for the other adapters, left out when the
     # routed experts are adapted (no dropout is built for those; reading such a file is fine).
     dropout = 0.0 if routed else float(d.get("lora_dropout") or 0.0)
     try:
         return LoRAConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]),
                           dropout=dropout, use_rslora=bool(d.get("use_rslora", False)),
-                          target_modules=targets, routed_experts=routed,
+                          target_modules=targets, routed_experts=routed, dense_mlps=dense,
                           layers=None if layers is None else tuple(int(i) for i in layers))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing key {e}") from None
@@ -306,6 +349,11 @@ def save_adapter(model, folder, cfg: LoRAConfig, *, base_model: str | None = Non
     folder = Path(folder)
     tensors = {}
     for name, lora in adapters(model).items():
+        rank = lora.lora_a[...].shape[-1]
+        if rank != cfg.rank or not math.isclose(lora.scaling, cfg.scaling):
+            raise ValueError(f"save_adapter: {name} has rank {rank} and scaling {lora.scaling:g}; "
+                             f"the config says rank {cfg.rank}, scaling {cfg.scaling:g} (adapters "
+                             "read from PEFT's fused-expert layout cannot be written per module)")
         host = {id(v): np.asarray(jax.device_get(v[...]), np.float32) for v in (lora.lora_a, lora.lora_b)}
         for key, (var, e) in _peft_tensors(name, lora).items():
             arr = host[id(var)] if e is None else host[id(var)][e]
@@ -334,9 +382,12 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
     with f:
         present = set(f.keys())
         cfg = read_peft_config(folder, present)
+        fused = bool(peft_config_dict(folder)[1].get("target_parameters"))
         mods = _attach(model, cfg, seed)
         wanted = set()
         for name, lora in mods.items():
+            if fused and isinstance(lora, ExpertLoRA):
+                continue  # below, from PEFT's fused layout
             values = {id(v): np.array(v[...]) for v in (lora.lora_a, lora.lora_b)}
             for key, (var, e) in _peft_tensors(name, lora).items():
                 wanted.add(key)
@@ -353,11 +404,70 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
                     values[id(var)][e] = arr
             for var in (lora.lora_a, lora.lora_b):
                 var.set_value(jnp.asarray(values[id(var)]))
+        if fused:
+            wanted |= _read_fused_experts(model, f, present, path, peft_config_dict(folder)[1], cfg, seed)
         extra = sorted(present - wanted)
         if extra:
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} (the config's "
                                   f"target_modules / layers_to_transform do not cover it)")
     return cfg
+
+
+def _read_fused_experts(model, f, present: set, path: Path, d: dict, cfg: LoRAConfig,
+                        seed: int) -> set:
+    """Replace the routed experts' adapters by those of PEFT's fused layout (see FUSED_PARAMS):
+    expert e's ``A`` is rows e·R … e·R + R - 1 of lora_A, its ``B`` columns e, E + e, …; the
+    gate_up_proj adapter becomes a gate_proj and an up_proj adapter sharing its ``A`` and each
+    taking its half of ``B`` (exact: the fused output is [gate; up]). Returns the tensors read."""
+    from .expert_weights import ExpertWeights
+
+    rngs, read = nnx.Rngs(seed), set()
+    fused = {str(t).rpartition(".")[2] for t in d["target_parameters"]}
+    stacks = {}  # layer -> {proj: ExpertWeights}
+    for name, lin in linears(model):
+        if isinstance(lin, ExpertWeights) and lin.lora is not None:
+            stacks.setdefault(int(name.split(".")[2]), {})[name.rsplit(".", 1)[1]] = lin
+    for layer, st in sorted(stacks.items()):
+        prefix = f"{PEFT_PREFIX}model.layers.{layer}.mlp.experts."
+        stems = sorted({k[len(prefix):].rsplit("lora_", 1)[0] for k in present
+                        if k.startswith(prefix) and k.endswith(".weight")})
+        found = set()
+        for stem in stems:
+            ka, kb = f"{prefix}{stem}lora_A.weight", f"{prefix}{stem}lora_B.weight"
+            for k in (ka, kb):
+                if k not in present:
+                    raise CheckpointError(f"{path}: tensor {k!r} is missing")
+            a, b = f.get_tensor(ka).astype(np.float32), f.get_tensor(kb).astype(np.float32)
+            any_stack = next(iter(st.values()))
+            n = any_stack.n
+            hidden = st["down_proj"].out_features if "down_proj" in st else any_stack.in_features
+            inter = st["down_proj"].in_features if "down_proj" in st else any_stack.out_features
+            shapes = {"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)}
+            param = next((p for p, (i, o) in shapes.items() if (a.shape[1], b.shape[0]) == (i, o)), None)
+            rank, rest = divmod(a.shape[0], n)
+            if param is None or param not in fused or rest or b.shape[1] != rank * n or not rank:
+                raise CheckpointError(
+                    f"{path}: tensors {ka!r} {list(a.shape)} and {kb!r} {list(b.shape)} are not an "
+                    f"adapter of {sorted(fused)} (expected lora_A [{n}·R, in] and lora_B "
+                    f"[out, R·{n}] with (in, out) one of {shapes})")
+            key = f"model.layers.{layer}.mlp.experts.{param}"
+            alpha = float(_pattern_value(d.get("alpha_pattern"), key, d["lora_alpha"]))
+            scaling = alpha / (math.sqrt(rank) if cfg.use_rslora else rank)
+            a_stack = a.reshape(n, rank, a.shape[1]).transpose(0, 2, 1)  # [E, in, R]
+            b_stack = b.reshape(b.shape[0], rank, n).transpose(2, 1, 0)  # [E, R, out]
+            halves = ({"gate_proj": b_stack[..., :inter], "up_proj": b_stack[..., inter:]}
+                      if param == "gate_up_proj" else {"down_proj": b_stack})
+            for proj, bb in halves.items():
+                lin = st[proj]
+                lin.lora = ExpertLoRA(n, lin.in_features, lin.out_features, rank, scaling, rngs=rngs)
+                lin.lora.lora_a.set_value(jnp.asarray(a_stack))
+                lin.lora.lora_b.set_value(jnp.asarray(np.ascontiguousarray(bb)))
+            found.add(param)
+            read |= {ka, kb}
+        if found != fused:
+            raise CheckpointError(f"{path}: no adapter of model.layers.{layer}.mlp.experts."
+                                  f"{sorted(fused - found)[0]} (target_parameters lists it)")
+    return read
 
 
 def _attach(model, cfg: LoRAConfig, seed: int) -> dict:

@@ -147,19 +147,17 @@ def test_dense_and_shared_expert_mlp_adapters_match_peft_both_ways(tmp_path, mon
 
 def test_routed_expert_adapters_match_peft_reading_our_per_expert_names(tmp_path):
     """PEFT reads our per-expert tensors (the hub's module names) into transformers 5's fused
-    experts through its own v4 -> v5 conversion; logits and greedy decode (the gathered-expert
-    path) equal PEFT's. The dense / shared-expert adapters, which that conversion drops, are
-    zero here (the test above checks them)."""
+    experts through its own v4 -> v5 conversion, which reads the MLP names as the routed experts
+    only (dense_mlps = false here; the test above checks the dense and shared ones); logits and
+    greedy decode (the gathered-expert path) equal PEFT's."""
     base = write_checkpoint(tmp_path / "base", LITE, seed=9)
     model = dsv2_jax.load(base, dtype="float32")
-    lora = LoRAConfig(rank=2, alpha=3, target_modules=("q_proj",) + MLP, routed_experts=True)
+    lora = LoRAConfig(rank=2, alpha=3, target_modules=("q_proj",) + MLP, routed_experts=True,
+                      dense_mlps=False)
     names = add_lora(model, lora)
-    assert sorted(n for n in names if "experts.*" in n) == sorted(
+    assert sorted(n for n in names if "mlp" in n) == sorted(
         f"model.layers.{i}.mlp.experts.*.{m}" for i in (1, 2) for m in MLP)
     randomize(model, seed=10)
-    for name, ad in adapters(model).items():
-        if name.startswith("model.layers.0.mlp") or "shared_experts" in name:
-            ad.lora_b.set_value(jnp.zeros_like(ad.lora_b[...]))
     ours = np.asarray(model(jnp.asarray(IDS)))
     save_adapter(model, tmp_path / "adapter", lora)
     hf = peft_model(base, tmp_path / "adapter")
@@ -169,7 +167,7 @@ def test_routed_expert_adapters_match_peft_reading_our_per_expert_names(tmp_path
     print(f"\nrouted-expert adapters: ours vs PEFT max |Δ logit| {err:.2e} (move logits by {moved:.2f})")
     assert err <= 1e-4 and moved > 0.1
     back = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "adapter")
-    assert back.lora_config.routed_experts
+    assert back.lora_config.routed_experts and not back.lora_config.dense_mlps
     assert np.abs(np.asarray(back(jnp.asarray(IDS))) - ours).max() <= 1e-5
     prompt = [int(t) for t in IDS[0]]
     ours_tokens = dsv2_jax.generate(back, prompt_ids=[prompt], max_new_tokens=6,
@@ -184,11 +182,59 @@ def test_routed_expert_adapters_match_peft_reading_our_per_expert_names(tmp_path
     assert np.abs(hf_forward(load_hf(tmp_path / "merged"), IDS)[0] - ours).max() <= 1e-4
 
 
+def test_fused_expert_adapter_peft_creates_on_transformers_5_loads_here(tmp_path):
+    """PEFT 0.21 on transformers 5 adapts the fused experts (target_parameters gate_up_proj /
+    down_proj, experts folded into the rank axis, gate_up at twice the rank, B full, not
+    block-diagonal). Random A and B, rsLoRA (alpha / sqrt(R), R per fused parameter): our
+    logits, PEFT's scalings and greedy decode equal PEFT's. Such an adapter is for inference
+    here: saving it again in the per-module format is refused (its experts' ranks differ)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = write_checkpoint(tmp_path / "base", LITE, seed=16)
+    torch.manual_seed(2)
+    hf = get_peft_model(load_hf(base), LoraConfig(r=2, lora_alpha=3, use_rslora=True,
+                                                   target_modules=["q_proj", *MLP],
+                                                   init_lora_weights=False))
+    hf.save_pretrained(str(tmp_path / "peft"))
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(written["target_parameters"]) == ["down_proj", "gate_up_proj"]
+    model = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "peft")
+    cfg = model.lora_config
+    assert cfg.routed_experts and not cfg.dense_mlps
+    ours = adapters(model)
+    assert sorted(n for n in ours if "mlp" in n) == sorted(
+        f"model.layers.{i}.mlp.experts.*.{m}" for i in (1, 2) for m in MLP)
+    for name, mod in hf.named_modules():  # PEFT's scaling of each fused parameter is ours
+        if type(mod).__name__ == "ParamWrapper":
+            proj = {"gate_up_proj": "gate_proj", "down_proj": "down_proj"}[mod.parameter_name]
+            layer = name.split(".")[4]
+            assert mod.scaling["default"] == pytest.approx(
+                ours[f"model.layers.{layer}.mlp.experts.*.{proj}"].scaling)
+    got = np.asarray(model(jnp.asarray(IDS)))
+    hf.eval()
+    err = np.abs(got - peft_logits(hf)).max()
+    moved = np.abs(got - np.asarray(dsv2_jax.load(base, dtype="float32")(jnp.asarray(IDS)))).max()
+    print(f"\nPEFT fused-expert adapter: ours vs PEFT max |Δ logit| {err:.2e} (moves logits by {moved:.2f})")
+    assert err <= 1e-4 and moved > 0.1
+    prompt = [int(t) for t in IDS[1]]
+    ours_tokens = dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=6,
+                                    ignore_eos=True).token_ids[0]
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert list(ours_tokens) == out[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match=r"save_adapter: model.layers.1.mlp.experts.\*.(gate|up)_proj "
+                                         r"has rank 4 and scaling .*; the config says rank 2"):
+        save_adapter(model, tmp_path / "again", cfg)
+
+
 def test_bad_lora_settings_and_adapters_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.target_modules = \['qkv'\]: expected names among"):
         LoRAConfig(target_modules=("qkv",))
     with pytest.raises(ConfigError, match=r"lora.routed_experts = true needs an MLP name"):
         LoRAConfig(target_modules=("q_proj",), routed_experts=True)
+    with pytest.raises(ConfigError, match=r"lora.dense_mlps = false needs lora.routed_experts"):
+        LoRAConfig(target_modules=("up_proj",), dense_mlps=False)
     with pytest.raises(ConfigError, match=r"lora.dropout = 0.1 with lora.routed_experts = true"):
         LoRAConfig(target_modules=("up_proj",), routed_experts=True, dropout=0.1)
     with pytest.raises(ConfigError, match=r"lora.dropout = 1.0: expected 0 <= dropout < 1"):

@@ -233,7 +233,8 @@ def test_routed_expert_adapter_gradients_equal_peft_autograd(tmp_path):
 
 def test_lora_run_exports_adapter_merge_and_merge_awq(tmp_path, capfd):
     """A lora: run (attention, shared and routed experts) exported three ways: the PEFT folder
-    (read back here, and by infer.generate --adapter), --merge (read by transformers) and
+    (read back here, by infer.generate --adapter and as another run's lora.init_from), --merge
+    (read by transformers) and
     --merge --awq (each packed weight within one quantization step of base + B A · scaling,
     computed here with NumPy from the base's and the adapter's files)."""
     from hf_ref import hf_forward
@@ -260,6 +261,27 @@ def test_lora_run_exports_adapter_merge_and_merge_awq(tmp_path, capfd):
     back = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "adapter")
     assert back.lora_config.routed_experts
     np.testing.assert_allclose(np.asarray(back(jnp.asarray(ids))), want, atol=1e-5)
+
+    # lora.init_from: a new run starts from the exported adapter; its settings must match it
+    from dsv2_jax import sharding
+    from dsv2_jax.errors import ConfigError
+    from dsv2_jax.training import build
+    from dsv2_jax.training.config import load_config
+
+    def build_from(folder, **lora):
+        lora = dict({"target_modules": list(TARGETS) + ["gate_proj", "up_proj", "down_proj"],
+                     "routed_experts": True, "init_from": str(tmp_path / "adapter")}, **lora)
+        cfg = load_config(tiny_lora_run(folder, base, lora=lora))
+        model_cfg, init = build.model_config(cfg)
+        mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+        return build.build_model(cfg, model_cfg, init, mesh=mesh)
+
+    resumed = build_from(tmp_path / "cont")
+    np.testing.assert_allclose(np.asarray(resumed(jnp.asarray(ids))), want, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"lora.rank.*the adapter in lora.init_from has 4"):
+        build_from(tmp_path / "bad-rank", rank=8)
+    with pytest.raises(ConfigError, match=r"lora.routed_experts.*the adapter in lora.init_from has True"):
+        build_from(tmp_path / "bad-routed", routed_experts=False)
 
     assert export.main([run_dir, "--out", str(tmp_path / "merged"), "--merge"]) == 0
     assert np.abs(hf_forward(load_hf(tmp_path / "merged"), ids)[0] - want).max() <= 1e-4

@@ -198,7 +198,7 @@ def build_model(cfg: TrainConfig, model_cfg, init_folder: Path | None, mesh=None
 
 def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
     """The frozen base (compute dtype, or AWQ-packed as stored) with float32 adapters."""
-    from ..lora import LoRA, adapters, add_lora, load_adapter
+    from ..lora import LoRA, adapters, add_lora, load_adapter, peft_config_dict
     from .config import lora_config
 
     if is_run_dir(init_folder):
@@ -212,10 +212,16 @@ def _lora_model(cfg: TrainConfig, init_folder: Path, mesh):
         add_lora(model, want, seed=cfg.seed)
         return model
     try:
-        got = load_adapter(model, resolve_model_path(cfg.lora.init_from))
+        folder = resolve_model_path(cfg.lora.init_from)
+        if peft_config_dict(folder)[1].get("target_parameters"):
+            raise bad_value("lora.init_from", cfg.lora.init_from,
+                            "is an adapter of transformers 5's fused experts (target_parameters); "
+                            "such adapters are read for inference only")
+        got = load_adapter(model, folder)
     except (HubError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
         raise ConfigError(f"lora.init_from: {e}") from None
-    for key in ("rank", "alpha", "use_rslora", "target_modules", "layers", "routed_experts"):
+    for key in ("rank", "alpha", "use_rslora", "target_modules", "layers", "routed_experts",
+                "dense_mlps"):
         a, b = getattr(got, key), getattr(want, key)
         if (sorted(a) if key == "target_modules" else a) != (sorted(b) if key == "target_modules" else b):
             raise bad_value(f"lora.{key}", b, f"the adapter in lora.init_from has {a!r}")

@@ -166,6 +166,7 @@ class LoraSection:
     target_modules: tuple[str, ...] = ("q_proj", "kv_b_proj", "o_proj")
     layers: tuple[int, ...] | None = None  # null: every layer
     routed_experts: bool = False  # the MLP targets also adapt each routed expert
+    dense_mlps: bool = True  # the MLP targets adapt the dense MLP and shared experts
     init_from: str | None = None
 
 

@@ -182,4 +182,5 @@ def lora_config(cfg: TrainConfig):
     section = cfg.lora
     return LoRAConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
                       use_rslora=section.use_rslora, target_modules=section.target_modules,
-                      layers=section.layers, routed_experts=section.routed_experts)
+                      layers=section.layers, routed_experts=section.routed_experts,
+                      dense_mlps=section.dense_mlps)
