@@ -3,13 +3,17 @@
 A LoRA adapter on a linear ``in -> out`` adds ``(x @ A) @ B · scaling`` to its output, with
 ``A [in, r]`` and ``B [r, out]`` the only trained weights and ``scaling = alpha / r`` (or
 ``alpha / sqrt(r)`` with rsLoRA). Adapters attach to ``layers.Linear`` (dense or AWQ-packed:
-QLoRA is the same adapter beside a packed weight); the model code does not change.
-``Linear.dense_weight`` includes the adapter, so absorbed MLA decode, which folds ``kv_b_proj``
-into the query and the output, stays exact with an adapter on ``kv_b_proj``.
+QLoRA is the same adapter beside a packed weight) and, one per expert, to the stacked routed
+experts (:class:`ExpertLoRA` on ``expert_weights.ExpertWeights``); the model code does not
+change. ``Linear.dense_weight`` includes the adapter, so absorbed MLA decode, which folds
+``kv_b_proj`` into the query and the output, stays exact with an adapter on ``kv_b_proj``.
+Training steps may drop the adapters' inputs (``dropout``, :func:`set_dropout_keys`).
 
 PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``): tensor
 ``base_model.model.<hub module>.lora_A.weight`` is ``A`` transposed, ``[r, in]``, and
-``...lora_B.weight`` is ``B`` transposed, ``[out, r]``.
+``...lora_B.weight`` is ``B`` transposed, ``[out, r]``; routed experts under their per-expert
+hub names (``model.layers.N.mlp.experts.E.gate_proj``). PEFT's layout for transformers 5's fused
+experts (``target_parameters``) is read too (:data:`FUSED_PARAMS`).
 
 Example::
 

@@ -89,6 +89,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "experts_down_proj": ("experts", "expert_mlp", "embed"),
 }
 _LEAVES = ("weight", "embedding", "qweight", "qzeros", "scales")
+EXPERT_MODULES = ("experts_gate_proj", "experts_up_proj", "experts_down_proj")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, *, devices=None) -> Mesh:
@@ -176,6 +177,10 @@ def param_logical_axes(path, ndim: int) -> tuple[str | None, ...] | None:
     module and leaf, e.g. ``('layers', 1, 'mlp', 'experts_up_proj', 'weight')``.
     """
     names = path_names(path) if path and not isinstance(path[0], (str, int)) else [str(p) for p in path]
+    if len(names) >= 3 and names[-1] in ("lora_a", "lora_b") and names[-2] == "lora":
+        # LoRA adapters: those of the routed experts ([E, in, r], [E, r, out]) split like the
+        # experts; the others (a few MB) are replicated
+        return ("experts",) + (None,) * (ndim - 1) if names[-3] in EXPERT_MODULES else None
     if len(names) < 2 or names[-1] not in _LEAVES:
         return None
     module = names[-2]

@@ -190,6 +190,42 @@ def case_grads(folder: str, eps: list[int]) -> dict:
     return res
 
 
+def case_lora_grads(folder: str, ep: str) -> dict:
+    """LoRA adapters on the attention, the shared and (stacked) routed experts, B random:
+    adapter gradients with the experts and their adapters split ``ep`` ways (the adapters
+    placed by ``tree_shardings``, as train.run does) against one device."""
+    from flax import nnx
+
+    from dsv2_jax.lora import LoRAConfig, LoRAParam, add_lora
+
+    lora = LoRAConfig(rank=2, alpha=4, target_modules=("q_proj", "gate_proj", "up_proj", "down_proj"),
+                      routed_experts=True)
+
+    def adapted(mesh=None):
+        model = dsv2_jax.load(folder, dtype="float32", mesh=mesh)
+        add_lora(model, lora)
+        g, params, rest = nnx.split(model, LoRAParam, ...)
+        params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape), params)
+        if mesh is not None:
+            params = jax.device_put(params, sh.tree_shardings(params, mesh))
+        return g, params, rest
+
+    g, params, rest = adapted()
+    ids = jnp.asarray(tokens(nnx.merge(g, params, rest).config.vocab_size))
+    want_loss, want = _grad(params, g, rest, ids)
+    want = {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(want)}
+    mesh = sh.make_mesh(expert=int(ep))
+    g, params, rest = adapted(mesh)
+    loss, got = _grad(params, g, rest, jax.device_put(ids, sh.batch_sharding(mesh, B)))
+    got = dict(jax.tree_util.tree_leaves_with_path(got))
+    errs = {jax.tree_util.keystr(k): float(np.abs(np.asarray(got[k]) - v).max()) for k, v in want.items()}
+    worst = max(errs, key=errs.get)
+    spec = [str(v.sharding.spec) for k, v in got.items() if "experts_up_proj" in jax.tree_util.keystr(k)]
+    return {"loss": abs(float(loss) - float(want_loss)), "grad": errs[worst], "worst": worst,
+            "n_grads": len(errs), "grad_scale": max(float(np.abs(v).max()) for v in want.values()),
+            "expert_adapter_spec": spec[0]}
+
+
 def case_gpu_paths(folder: str, awq_folder: str) -> dict:
     """The GPU code paths (Pallas kernels in interpret mode, no gather path, shard_map unchecked)
     against the CPU paths on one device: gradients with and without expert parallelism (a data
@@ -316,6 +352,8 @@ def main():
         out = case_cuda_lowering()
     elif case == "grads":
         out = case_grads(folder, [int(x) for x in rest[0].split(",")])
+    elif case == "lora_grads":
+        out = case_lora_grads(folder, rest[0])
     elif case == "hlo":
         out = case_hlo(folder)
     elif case == "gpu_paths":
