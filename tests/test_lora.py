@@ -34,6 +34,16 @@ def peft_model(folder, adapter):
     return PeftModel.from_pretrained(load_hf(folder), str(adapter)).eval()
 
 
+def assert_greedy_equals_peft(model, hf, prompt, n):
+    """Our greedy tokens after ``prompt`` equal PEFT's ``generate`` (EOS a token like any other)."""
+    prompt = [int(t) for t in prompt]
+    ours = dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=n, ignore_eos=True).token_ids[0]
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
+    assert list(ours) == out[0, len(prompt):].tolist()
+
+
 def peft_logits(model, ids=IDS):
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()
@@ -80,13 +90,7 @@ def test_adapter_peft_creates_loads_here_and_scaling_matches(tmp_path):
     print(f"\nPEFT-made adapter: ours vs PEFT max |Δ logit| {err:.2e}")
     assert err <= 1e-4
     # Greedy decode (absorbed MLA, the adapter on kv_b_proj folded in) equals PEFT's generate.
-    prompt = [int(t) for t in IDS[0]]
-    ours_tokens = dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=8,
-                                    ignore_eos=True).token_ids[0]
-    hf.generation_config.eos_token_id = None  # as ignore_eos: EOS is a token like any other
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-    assert list(ours_tokens) == out[0, len(prompt):].tolist()
+    assert_greedy_equals_peft(model, hf, IDS[0], 8)
 
 
 def test_merged_export_is_read_by_transformers_with_the_same_logits(tmp_path):
@@ -169,13 +173,7 @@ def test_routed_expert_adapters_match_peft_reading_our_per_expert_names(tmp_path
     back = dsv2_jax.load(base, dtype="float32", adapter=tmp_path / "adapter")
     assert back.lora_config.routed_experts and not back.lora_config.dense_mlps
     assert np.abs(np.asarray(back(jnp.asarray(IDS))) - ours).max() <= 1e-5
-    prompt = [int(t) for t in IDS[0]]
-    ours_tokens = dsv2_jax.generate(back, prompt_ids=[prompt], max_new_tokens=6,
-                                    ignore_eos=True).token_ids[0]
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-    assert list(ours_tokens) == out[0, len(prompt):].tolist()
+    assert_greedy_equals_peft(back, hf, IDS[0], 6)
     # Merged into the base, transformers reads the same model.
     merge(back)
     dsv2_jax.save(back, tmp_path / "merged")
@@ -216,13 +214,7 @@ def test_fused_expert_adapter_peft_creates_on_transformers_5_loads_here(tmp_path
     moved = np.abs(got - np.asarray(dsv2_jax.load(base, dtype="float32")(jnp.asarray(IDS)))).max()
     print(f"\nPEFT fused-expert adapter: ours vs PEFT max |Δ logit| {err:.2e} (moves logits by {moved:.2f})")
     assert err <= 1e-4 and moved > 0.1
-    prompt = [int(t) for t in IDS[1]]
-    ours_tokens = dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=6,
-                                    ignore_eos=True).token_ids[0]
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-    assert list(ours_tokens) == out[0, len(prompt):].tolist()
+    assert_greedy_equals_peft(model, hf, IDS[1], 6)
     with pytest.raises(ValueError, match=r"save_adapter: model.layers.1.mlp.experts.\*.(gate|up)_proj "
                                          r"has rank 4 and scaling .*; the config says rank 2"):
         save_adapter(model, tmp_path / "again", cfg)
