@@ -230,6 +230,8 @@ def main(argv=None) -> int:
                    help="lora: adapters on the MLPs and each routed expert too")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: the adapters' dropout")
     a = p.parse_args(argv)
+    if a.lora_mlp and a.lora_dropout:
+        p.error("--lora-dropout: dropout on the routed experts' adapters (--lora-mlp) is not built")
     kw = {} if a.target is None else {"target": a.target}
     if a.program in ("decode", "prefill"):
         r = PROGRAMS[a.program](a.quant, a.batch, a.context, kernels=a.kernels, **kw)

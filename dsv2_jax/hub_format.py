@@ -247,6 +247,12 @@ def load(path_or_repo_id, dtype="bfloat16", *, compute_dtype=None, revision=None
         from .lora import load_adapter
 
         model.lora_config = load_adapter(model, resolve_model_path(adapter))
+        if mesh is not None:  # the adapters to their shardings too (routed experts' split)
+            from .lora import LoRAParam
+            from .sharding import put, tree_shardings
+
+            lora_state = nnx.state(model, LoRAParam)
+            nnx.update(model, put(lora_state, tree_shardings(lora_state, mesh)))
     model.tokenizer = None
     if load_tokenizer and (folder / "tokenizer.json").exists():
         model.tokenizer = _load_tok(folder)

@@ -4,8 +4,8 @@ A LoRA adapter on a linear ``in -> out`` adds ``(x @ A) @ B · scaling`` to its 
 ``A [in, r]`` and ``B [r, out]`` the only trained weights and ``scaling = alpha / r`` (or
 ``alpha / sqrt(r)`` with rsLoRA). Adapters attach to ``layers.Linear`` (dense or AWQ-packed:
 QLoRA is the same adapter beside a packed weight) and, one per expert, to the stacked routed
-experts (:class:`ExpertLoRA` on ``expert_weights.ExpertWeights``); the model code does not
-change. ``Linear.dense_weight`` includes the adapter, so absorbed MLA decode, which folds
+experts (:class:`ExpertLoRA` on ``expert_weights.ExpertWeights``, passed through the MoE
+dispatch as ``expert_weights.Adapted``). ``Linear.dense_weight`` includes the adapter, so absorbed MLA decode, which folds
 ``kv_b_proj`` into the query and the output, stays exact with an adapter on ``kv_b_proj``.
 Training steps may drop the adapters' inputs (``dropout``, :func:`set_dropout_keys`).
 
@@ -41,7 +41,8 @@ from .errors import CheckpointError, ConfigError
 from .layers import rows_dot
 
 # Hub leaf names of the linears an adapter may sit on. The MLP names adapt the dense MLP (the
-# first layers) and the shared experts, and with ``routed_experts`` the routed experts too.
+# first layers) and the shared experts (unless ``dense_mlps`` is false), and with
+# ``routed_experts`` the routed experts too.
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETS = ATTENTION_TARGETS + MLP_TARGETS
@@ -71,12 +72,20 @@ class LoRAConfig:
     dense_mlps: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ConfigError(f"lora.rank = {self.rank!r}: expected an integer >= 1")
         if not self.alpha > 0:
             raise ConfigError(f"lora.alpha = {self.alpha!r}: expected > 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout = {self.dropout!r}: expected 0 <= dropout < 1")
+        for key in ("use_rslora", "routed_experts", "dense_mlps"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"lora.{key} = {getattr(self, key)!r}: expected true or false")
+        if self.layers is not None:
+            if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers):
+                raise ConfigError(f"lora.layers = {list(self.layers)}: expected null or layer "
+                                  "indices >= 0")
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
         if self.dropout and self.routed_experts:
             raise ConfigError(f"lora.dropout = {self.dropout} with lora.routed_experts = true: "
                               "dropout on the routed experts' adapters is not built (PEFT "
@@ -210,6 +219,9 @@ def _new_adapter(lin, cfg: LoRAConfig, rngs):
 def add_lora(model, cfg: LoRAConfig, *, seed: int = 0) -> list[str]:
     """Attach a fresh adapter to every targeted linear of ``model``; returns their hub names
     (``...experts.*.<proj>`` for a stack of routed-expert adapters)."""
+    n_layers = len(model.layers)
+    if cfg.layers and max(cfg.layers) >= n_layers:
+        raise ConfigError(f"lora.layers = {list(cfg.layers)}: the model has layers 0 to {n_layers - 1}")
     rngs = nnx.Rngs(seed)
     names = []
     for name, lin in linears(model):
@@ -294,24 +306,30 @@ def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
     if bad:
         raise CheckpointError(f"{path}: target_parameters {bad}: expected the fused routed experts "
                               f"{sorted(FUSED_PARAMS)}")
-    for key in ("rank_pattern", "alpha_pattern"):  # only the fused experts may have their own
+    # Only the fused experts may have their own rank / alpha: a pattern reaching another module
+    # of the file (or any pattern, without fused experts) would change a scaling unseen.
+    modules = {_module_of(k) for k in tensor_names} | {
+        f"model.layers.0.{part}.{t}" for t in targets for part in ("self_attn", "mlp")}
+    for key in ("rank_pattern", "alpha_pattern"):
         hit = [p for p in d.get(key) or {} if not fused
-               or any(re.match(rf"(.*\.)?({p})$", f"model.layers.0.self_attn.{t}") for t in targets)]
+               or any(re.match(rf"(.*\.)?({p})$", m) for m in modules)]
         if hit:
             raise CheckpointError(f"{path}: {key} {hit} is not supported (only for the fused "
                                   "routed experts of target_parameters)")
     layers = d.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
+    dense_tensors = any(_module_of(k).rsplit(".", 1)[-1] in MLP_TARGETS
+                        and not EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
     if fused:
-        targets += tuple(m for f in dict.fromkeys(fused) for m in FUSED_PARAMS[f])
-        routed, dense = True, False
+        targets += tuple(m for f in dict.fromkeys(fused) for m in FUSED_PARAMS[f] if m not in targets)
+        # MLP names in target_modules beside the fused experts adapt the dense / shared MLPs
+        routed, dense = True, dense_tensors
     else:
         mlp = bool(set(targets) & set(MLP_TARGETS))
         routed = mlp and any(EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
         # Without tensors of the dense / shared-expert MLPs, the MLP names adapted the experts only.
-        dense = not routed or any(_module_of(k).rsplit(".", 1)[-1] in MLP_TARGETS
-                                  and not EXPERT_KEY.match(_module_of(k)) for k in tensor_names)
+        dense = not routed or dense_tensors
     # Dropout only matters when training on: kept for the other adapters, left out when the
     # routed experts are adapted (no dropout is built for those; reading such a file is fine).
     dropout = 0.0 if routed else float(d.get("lora_dropout") or 0.0)
@@ -471,6 +489,10 @@ def _read_fused_experts(model, f, present: set, path: Path, d: dict, cfg: LoRACo
         if found != fused:
             raise CheckpointError(f"{path}: no adapter of model.layers.{layer}.mlp.experts."
                                   f"{sorted(fused - found)[0]} (target_parameters lists it)")
+        covered = {m for p in fused for m in FUSED_PARAMS[p]}
+        for proj, lin in st.items():  # an MLP name of target_modules reaches no routed expert
+            if proj not in covered:
+                lin.lora = None
     return read
 
 

@@ -147,7 +147,8 @@ def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_do
     """:func:`dispatch_experts` with the experts split over ``mesh``'s ``expert`` axis.
 
     Same result up to float summation order; see the module docstring for the design and its
-    communication. ``w_*`` are the full stacked weights (dense or AWQWeight), sharded or not:
+    communication. ``w_*`` are the full stacked weights (dense, AWQWeight, or either with
+    per-expert adapters: ``expert_weights.Adapted``), sharded or not:
     ``shard_map`` hands each device its E/P experts.
     """
     ep = axis_size(mesh, EXPERT)
@@ -167,7 +168,7 @@ def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_do
             return jax.lax.psum_scatter(y, EXPERT, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, EXPERT)
 
-    w_spec = P(EXPERT)  # a prefix: every leaf of an AWQWeight is stacked [E, ...] too
+    w_spec = P(EXPERT)  # a prefix: every leaf of an AWQWeight / Adapted is stacked [E, ...] too
     f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_spec, w_spec, w_spec),
                       out_specs=tok, check_vma=ew.checked_in_shard_map(w_gate, w_up, w_down))
     return f(x, routing.topk_idx, routing.topk_weight, w_gate, w_up, w_down)

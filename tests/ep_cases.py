@@ -221,9 +221,22 @@ def case_lora_grads(folder: str, ep: str) -> dict:
     errs = {jax.tree_util.keystr(k): float(np.abs(np.asarray(got[k]) - v).max()) for k, v in want.items()}
     worst = max(errs, key=errs.get)
     spec = [str(v.sharding.spec) for k, v in got.items() if "experts_up_proj" in jax.tree_util.keystr(k)]
+    # The same adapters saved in PEFT's format and loaded onto the mesh: placed split, same logits.
+    import tempfile
+
+    from dsv2_jax.lora import save_adapter
+
+    g1, p1, r1 = adapted()
+    single = nnx.merge(g1, p1, r1)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(single, f"{tmp}/adapter", lora)
+        on_mesh = dsv2_jax.load(folder, dtype="float32", mesh=mesh, adapter=f"{tmp}/adapter")
+    loaded_spec = str(on_mesh.layers[1].mlp.experts_up_proj.lora.lora_a[...].sharding.spec)
+    forward = nnx.jit(lambda m, x: m(x))  # eager over 8 fake devices is slow
+    loaded_err = float(np.abs(np.asarray(forward(on_mesh, ids)) - np.asarray(forward(single, ids))).max())
     return {"loss": abs(float(loss) - float(want_loss)), "grad": errs[worst], "worst": worst,
             "n_grads": len(errs), "grad_scale": max(float(np.abs(v).max()) for v in want.values()),
-            "expert_adapter_spec": spec[0]}
+            "expert_adapter_spec": spec[0], "loaded_spec": loaded_spec, "loaded_logits": loaded_err}
 
 
 def case_gpu_paths(folder: str, awq_folder: str) -> dict:

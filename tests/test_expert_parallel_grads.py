@@ -29,10 +29,12 @@ def test_gradients_equal_single_device(result, ep):
 def test_lora_adapter_gradients_with_split_experts_equal_single_device(tmp_path):
     """Adapters on the routed experts split 4 ways with their experts (inside the dispatch's
     shard_map), plus attention and shared-expert adapters: every adapter gradient equals one
-    device's."""
+    device's. Saved and loaded with ``dsv2_jax.load(mesh=, adapter=)``, the adapters are placed
+    split too and give the single device's logits."""
     folder = write_checkpoint(tmp_path / "model", CFG, seed=4)
     r = run("lora_grads", folder, "4")
     assert r["expert_adapter_spec"] == "P('expert',)"
     assert r["n_grads"] == 2 * 2 * (1 + 3 + 3)  # 2 layers x (A, B) x (q_proj, shared, routed)
     assert r["grad_scale"] > 1e-3 and r["loss"] <= 1e-5
     assert r["grad"] <= 1e-5, f"gradient of {r['worst']} differs by {r['grad']}"
+    assert r["loaded_spec"] == "P('expert',)" and r["loaded_logits"] <= 1e-4

@@ -231,10 +231,17 @@ def test_bad_lora_settings_and_adapters_are_named(tmp_path):
         LoRAConfig(target_modules=("up_proj",), routed_experts=True, dropout=0.1)
     with pytest.raises(ConfigError, match=r"lora.dropout = 1.0: expected 0 <= dropout < 1"):
         LoRAConfig(dropout=1.0)
+    with pytest.raises(ConfigError, match=r"lora.layers = \[-1\]: expected null or layer indices >= 0"):
+        LoRAConfig(layers=(-1,))
+    with pytest.raises(ConfigError, match=r"lora.routed_experts = 'yes': expected true or false"):
+        LoRAConfig(routed_experts="yes")
+    assert LoRAConfig(layers=(3, 1, 3)).layers == (1, 3)
     with pytest.raises(ConfigError, match="lora.rank = 0"):
         LoRAConfig(rank=0)
     base = write_checkpoint(tmp_path / "base", LITE, seed=6)
     model = dsv2_jax.load(base, dtype="float32")
+    with pytest.raises(ConfigError, match=r"lora.layers = \[0, 7\]: the model has layers 0 to 2"):
+        add_lora(model, LoRAConfig(target_modules=("q_proj",), layers=(0, 7)))
     with pytest.raises(ConfigError, match="match no linear"):
         add_lora(model, LoRAConfig(target_modules=("q_a_proj",)))  # LITE has no q LoRA
     add_lora(model, LoRAConfig(rank=2, alpha=2, target_modules=("o_proj",)))

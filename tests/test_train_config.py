@@ -119,3 +119,18 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.overrides\.hidden_size = 64 \(the run being "
                                           r"resumed has 32\): cannot resume"):
         train.run.train(changed)
+
+
+def test_resume_fills_keys_added_since_with_their_defaults(tmp_path):
+    """A run saved before a key existed (here lora.routed_experts / dense_mlps / dropout) resumes:
+    the saved config is read with today's defaults; a real difference is still refused."""
+    path = write_tiny_run(tmp_path, lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj"]},
+                          model={"preset": None, "init_from": "x", "overrides": {}})
+    cfg = load_config(path)
+    old = cfg.to_dict()
+    for key in ("routed_experts", "dense_mlps", "dropout"):
+        del old["lora"][key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    train.run._check_resumable(cfg, tmp_path)  # no difference
+    with pytest.raises(ConfigError, match=r"^lora\.rank = 8 \(the run being resumed has 4\)"):
+        train.run._check_resumable(load_config(path, ["lora.rank=8"]), tmp_path)

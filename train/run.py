@@ -46,6 +46,7 @@ from dsv2_jax.training.config import (
     ConfigError,
     TrainConfig,
     check_data_axis,
+    from_dict,
     load_config,
     mesh_sizes,
 )
@@ -220,6 +221,10 @@ def _check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     if not saved_path.exists():
         return
     saved = yaml.safe_load(saved_path.read_text())
+    try:  # keys added since the run was saved take their defaults (as the run had them)
+        saved = from_dict(saved).to_dict()
+    except ConfigError:
+        pass  # compared as written; the differences are named below
     now = cfg.to_dict()
     for section in RESUME_MUST_MATCH:
         d = _diff(saved.get(section), now.get(section), section)
@@ -342,8 +347,11 @@ def _train(cfg: TrainConfig, resume: bool, signals: _Signals) -> dict[str, Any]:
         from dsv2_jax.lora import adapters
 
         n = sum(x.size for x in jax.tree.leaves(t.state.params))
-        say(f"lora: {len(adapters(model))} adapters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}), "
-            f"{n:,} trainable parameters; the base is frozen")
+        mods = adapters(model)
+        stacks = sum("experts.*" in k for k in mods)
+        experts = f" ({stacks} of them one per routed expert)" if stacks else ""
+        say(f"lora: {len(mods)} adapters{experts} (rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, "
+            f"dropout {cfg.lora.dropout}), {n:,} trainable parameters; the base is frozen")
     del model
     ckpts = RunCheckpoints(ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     state = t.state

@@ -157,7 +157,8 @@ class LoraSection:
     """LoRA / QLoRA (``dsv2_jax.lora``): train adapters only. The ``model.init_from`` base is
     loaded frozen in ``precision.compute_dtype`` (or kept packed when it is an AWQ checkpoint:
     QLoRA); the adapters are float32 and alone get gradients and AdamW state. ``init_from``
-    starts from an existing PEFT adapter folder (its r, alpha and targets must match these)."""
+    starts from an existing PEFT adapter folder (its r, alpha, use_rslora, targets, layers,
+    routed_experts and dense_mlps must match these; dropout is this run's)."""
 
     rank: int = 16
     alpha: float = 32.0
