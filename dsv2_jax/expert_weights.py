@@ -88,9 +88,7 @@ def _is_dense(w: Stacked) -> bool:
     return isinstance(w, jax.Array)
 
 
-def out_features(w: Stacked) -> int:
-    if isinstance(w, Adapted):
-        return w.b.shape[-1]
+def out_features(w: jax.Array | AWQWeight) -> int:
     return w.shape[-1] if _is_dense(w) else w.out_features
 
 
@@ -116,11 +114,9 @@ def checked_in_shard_map(*ws: Stacked) -> bool:
     return not backend.on_gpu()
 
 
-def expert(w: Stacked, e, dtype) -> jax.Array:
-    """Expert ``e`` of the stack as a dense [in, out] in ``dtype``."""
-    if isinstance(w, Adapted):
-        delta = w.a[e].astype(jnp.float32) @ w.b[e].astype(jnp.float32) * w.scaling
-        return (expert(w.base, e, jnp.float32) + delta).astype(dtype)
+def expert(w: jax.Array | AWQWeight, e, dtype) -> jax.Array:
+    """Expert ``e`` of the stack (dense or packed; an :class:`Adapted` stack never gets here:
+    the matmuls add its adapter themselves) as a dense [in, out] in ``dtype``."""
     if _is_dense(w):
         return w[e].astype(dtype)
     return dequantize(jax.tree.map(lambda a: a[e], w), jnp.float32).astype(dtype)

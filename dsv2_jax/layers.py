@@ -142,6 +142,11 @@ class Linear(nnx.Module):
             return (w.astype(jnp.float32) + self.lora.delta()).astype(dtype)
         return w.astype(dtype)
 
+    def folds_into_weight(self) -> bool:
+        """Whether ``x @ dense_weight()`` computes this layer: not while its adapter drops its
+        input (LoRA dropout in a training step), which only a call sees row by row."""
+        return self.lora is None or not self.lora.dropping
+
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         y = self._base(x)

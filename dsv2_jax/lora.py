@@ -5,8 +5,9 @@ A LoRA adapter on a linear ``in -> out`` adds ``(x @ A) @ B · scaling`` to its 
 ``alpha / sqrt(r)`` with rsLoRA). Adapters attach to ``layers.Linear`` (dense or AWQ-packed:
 QLoRA is the same adapter beside a packed weight) and, one per expert, to the stacked routed
 experts (:class:`ExpertLoRA` on ``expert_weights.ExpertWeights``, passed through the MoE
-dispatch as ``expert_weights.Adapted``). ``Linear.dense_weight`` includes the adapter, so absorbed MLA decode, which folds
-``kv_b_proj`` into the query and the output, stays exact with an adapter on ``kv_b_proj``.
+dispatch as ``expert_weights.Adapted``). ``Linear.dense_weight`` includes the adapter, so
+absorbed MLA decode, which folds ``kv_b_proj`` into the query and the output, stays exact with
+an adapter on ``kv_b_proj``.
 Training steps may drop the adapters' inputs (``dropout``, :func:`set_dropout_keys`).
 
 PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``): tensor
@@ -119,9 +120,17 @@ class LoRAConfig:
         return self.layers is None or int(parts[2]) in self.layers
 
 
+def _fresh(rngs: nnx.Rngs, lead: tuple, in_features: int, rank: int, out_features: int):
+    """A new adapter's A [*lead, in, r] as PEFT initialises it (Kaiming-uniform, a = √5, which is
+    U(±1/√in)) and its B [*lead, r, out], zero."""
+    bound = 1.0 / math.sqrt(in_features)
+    a = jax.random.uniform(rngs.params(), (*lead, in_features, rank), jnp.float32, -bound, bound)
+    return LoRAParam(a), LoRAParam(jnp.zeros((*lead, rank, out_features), jnp.float32))
+
+
 class LoRA(nnx.Module):
-    """``x -> (dropout(x) @ A) @ B · scaling``; A as PEFT initialises it (Kaiming-uniform, a = √5,
-    which is U(±1/√in)), B zero, so a new adapter leaves the model unchanged.
+    """``x -> (dropout(x) @ A) @ B · scaling``; A as PEFT initialises it, B zero (:func:`_fresh`),
+    so a new adapter leaves the model unchanged.
 
     Dropout (PEFT's ``lora_dropout``: inverted dropout on the adapter's input only) acts while
     ``dropout_key`` holds a key, which the training step sets (:func:`set_dropout_keys`) for
@@ -129,10 +138,7 @@ class LoRA(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, *,
                  rngs: nnx.Rngs, dropout: float = 0.0):
-        bound = 1.0 / math.sqrt(in_features)
-        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32,
-                                                   -bound, bound))
-        self.lora_b = LoRAParam(jnp.zeros((rank, out_features), jnp.float32))
+        self.lora_a, self.lora_b = _fresh(rngs, (), in_features, rank, out_features)
         self.scaling = scaling
         self.dropout = dropout
         self.dropout_key = nnx.data(None)  # uint32 key data, set per micro-batch in training
@@ -181,10 +187,7 @@ class ExpertLoRA(nnx.Module):
 
     def __init__(self, n: int, in_features: int, out_features: int, rank: int, scaling: float, *,
                  rngs: nnx.Rngs):
-        bound = 1.0 / math.sqrt(in_features)
-        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (n, in_features, rank), jnp.float32,
-                                                   -bound, bound))
-        self.lora_b = LoRAParam(jnp.zeros((n, rank, out_features), jnp.float32))
+        self.lora_a, self.lora_b = _fresh(rngs, (n,), in_features, rank, out_features)
         self.scaling = scaling
 
     def delta(self) -> jax.Array:
@@ -289,7 +292,11 @@ def read_peft_config(folder, tensor_names=()) -> LoRAConfig:
     MLPs, exactly when the file holds their tensors. A folder with ``target_parameters`` (the
     fused experts of transformers 5) adapts the routed experts only, with their own ranks
     (read by :func:`load_adapter`)."""
-    path, d = peft_config_dict(folder)
+    return _config_of(*peft_config_dict(folder), tensor_names)
+
+
+def _config_of(path: Path, d: dict, tensor_names=()) -> LoRAConfig:
+    """:func:`read_peft_config` of the contents ``d`` of ``path``."""
     for key, want in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False),
                       ("fan_in_fan_out", False)):
         if d.get(key, want) != want:
@@ -393,7 +400,8 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
     from safetensors import safe_open
 
     folder = Path(folder)
-    read_peft_config(folder)  # the config's errors first
+    config_path, d = peft_config_dict(folder)
+    _config_of(config_path, d)  # the config's errors first
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{folder}: {ADAPTER_WEIGHTS} is missing")
@@ -403,11 +411,13 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
         raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
     with f:
         present = set(f.keys())
-        cfg = read_peft_config(folder, present)
-        fused = bool(peft_config_dict(folder)[1].get("target_parameters"))
-        mods = _attach(model, cfg, seed)
+        cfg = _config_of(config_path, d, present)
+        fused = bool(d.get("target_parameters"))
+        names = add_lora(model, cfg, seed=seed)
+        mods = adapters(model)
         wanted = set()
-        for name, lora in mods.items():
+        for name in names:
+            lora = mods[name]
             if fused and isinstance(lora, ExpertLoRA):
                 continue  # below, from PEFT's fused layout
             values = {id(v): np.array(v[...]) for v in (lora.lora_a, lora.lora_b)}
@@ -427,7 +437,7 @@ def load_adapter(model, folder, *, seed: int = 0) -> LoRAConfig:
             for var in (lora.lora_a, lora.lora_b):
                 var.set_value(jnp.asarray(values[id(var)]))
         if fused:
-            wanted |= _read_fused_experts(model, f, present, path, peft_config_dict(folder)[1], cfg, seed)
+            wanted |= _read_fused_experts(model, f, present, path, d, cfg, seed)
         extra = sorted(present - wanted)
         if extra:
             raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} (the config's "
@@ -494,12 +504,6 @@ def _read_fused_experts(model, f, present: set, path: Path, d: dict, cfg: LoRACo
             if proj not in covered:
                 lin.lora = None
     return read
-
-
-def _attach(model, cfg: LoRAConfig, seed: int) -> dict:
-    names = add_lora(model, cfg, seed=seed)
-    mods = adapters(model)
-    return {n: mods[n] for n in names}
 
 
 def merge(model) -> None:

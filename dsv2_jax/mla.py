@@ -156,8 +156,7 @@ class MLA(nnx.Module):
         GPU in the Pallas kernel ``kernels.mla_attention``, elsewhere as a scan in JAX)."""
         cfg = self.cfg
         heads = (cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        if self.kv_b_proj.lora is not None and self.kv_b_proj.lora.dropping:
-            # a training forward with adapter dropout: the adapter sees each token's c_kv
+        if not self.kv_b_proj.folds_into_weight():  # LoRA dropout: each token's c_kv its own mask
             kv = self.kv_b_proj(c_kv).astype(self.dtype).reshape(*c_kv.shape[:2], *heads)
         else:
             w = self.kv_b_weight(after=c_kv)
