@@ -55,3 +55,28 @@ def target(backend: str, *, interpret: bool = False):
     finally:
         _target.reset(token)
         _interpret.reset(itoken)
+
+
+# A Hopper GPU of XLA's device list: the Pallas Triton lowering reads its compute capability.
+LOWERING_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+
+
+@contextlib.contextmanager
+def cuda_lowering(mesh: jax.sharding.Mesh | None = None):
+    """Lets ``jit(f).trace(...).lower(lowering_platforms=("cuda",))`` lower Pallas Triton kernels
+    on a machine without a GPU. jax 0.10 assumed compute capability 9.0 when it found no GPU;
+    jax 0.11 asks the abstract mesh in context for the GPU it lowers for, and refuses without
+    one. This sets an abstract mesh whose device is a Hopper GPU and yields it: with ``mesh``,
+    its axes, and the traced function must shard over the yielded mesh (``shard_map`` wants
+    the mesh in context); without, a one-device mesh. Lowering only: a GPU compile without a
+    GPU goes through :mod:`dsv2_jax.gpu_aot`."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    device = AbstractDevice(device_kind=LOWERING_DEVICE_KIND, num_cores=None, platform="gpu")
+    if mesh is None:
+        abstract = AbstractMesh((1,), ("_",), abstract_device=device)
+    else:
+        abstract = AbstractMesh(tuple(mesh.axis_sizes), tuple(mesh.axis_names),
+                                axis_types=tuple(mesh.axis_types), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(abstract):
+        yield abstract

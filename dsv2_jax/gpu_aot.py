@@ -189,11 +189,12 @@ def compile(fn, *args, target: str | None = None, kernels: bool = False, donate_
                           f"(gpu_aot.abstract); found devices of platform(s) {sorted(platforms)} — "
                           "the compile would silently target the CPU")
     jitted = jax.jit(fn, donate_argnums=donate_argnums, static_argnums=static_argnums)
-    with backend.target("gpu"):
+    with backend.target("gpu"), jax.sharding.use_abstract_mesh(_lowering_mesh(args, static_argnums, devices)):
         lowered = jitted.trace(*args).lower()
     dump = tempfile.mkdtemp(prefix="dsv2_gpu_aot_") if kernels else None
     try:
-        options = {"xla_dump_to": dump} if dump else None
+        # The PTX of every kernel: newer XLA (jax 0.11) dumps it only for emitters named here.
+        options = {"xla_dump_to": dump, "xla_dump_emitter_re": ".*"} if dump else None
         compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
         hlo = compiled.as_text()
         if "fusion_backend_config" not in hlo and "custom_call_target" not in hlo:
@@ -224,6 +225,23 @@ def _devices_of(args, static_argnums) -> set:
                 continue
             devices |= set(sharding.device_set)
     return devices
+
+
+def _lowering_mesh(args, static_argnums, devices) -> jax.sharding.AbstractMesh:
+    """The abstract mesh to trace under: that of the arguments' mesh, whose device is the
+    simulated GPU. jax 0.11's Pallas Triton lowering asks the mesh in context for the GPU it
+    lowers for (the default device here is the CPU); ``shard_map`` wants the same mesh."""
+    for i, a in enumerate(args):
+        if i in static_argnums:
+            continue
+        for leaf in jax.tree.leaves(a):
+            mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+            if mesh is not None:
+                return mesh.abstract_mesh
+    d = next(iter(devices))
+    device = jax.sharding.AbstractDevice(device_kind=d.device_kind, num_cores=getattr(d, "core_count", None),
+                                         platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("_",), abstract_device=device)
 
 
 def _target_of(devices) -> str:

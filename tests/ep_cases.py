@@ -137,8 +137,9 @@ def case_cuda_lowering() -> dict:
     res = {}
     with backend.target("gpu"):  # the dispatch picks its GPU kernels at trace time
         for label, ws in weights.items():
-            f = jax.jit(lambda x, r, *w: moe.dispatch_experts_parallel(x, r, *w, e, mesh))
-            text = f.trace(x, routing, *ws).lower(lowering_platforms=("cuda",)).as_text()
+            with backend.cuda_lowering(mesh) as gpu_mesh:
+                f = jax.jit(lambda x, r, *w: moe.dispatch_experts_parallel(x, r, *w, e, gpu_mesh))
+                text = f.trace(x, routing, *ws).lower(lowering_platforms=("cuda",)).as_text()
             res[f"{label}/ragged_dot"] = "ragged_dot(" in text
             res[f"{label}/triton"] = "xla.gpu.triton" in text
             res[f"{label}/reduce_scatter"] = "reduce_scatter" in text

@@ -112,7 +112,8 @@ def _verified_triton_modules(lowered_text):
 
 
 def _lower_cuda(fn, *args):
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with backend.cuda_lowering():
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "xla.gpu.triton" in text
     return _verified_triton_modules(text)
 
