@@ -127,16 +127,24 @@ def _prefill_chunk(graphdef, state, ids, pad, cache, start, *, mode: AttentionMo
     return out.logits[:, 0], out.cache
 
 
-def _decode_logits(model, cache: KVCache, token, slot, pad):
-    """One absorbed-MLA step for tokens [B] at cache slot ``slot``."""
+def _decode_logits(model, cache: KVCache, token, slot, pad, kv_b):
+    """One absorbed-MLA step for tokens [B] at cache slot ``slot`` (``kv_b``: the model's
+    ``absorbed_weights()``)."""
     real = jnp.arange(cache.max_len)[None, :] >= pad[:, None]  # [B, S]: not left padding
     out = model.forward(token[:, None], (slot - pad)[:, None], real, cache=cache, cache_index=slot,
-                        mode=AttentionMode.LATENT)
+                        mode=AttentionMode.LATENT, kv_b=kv_b)
     return out.logits[:, 0], out.cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def absorbed_weights(graphdef, state) -> tuple[jax.Array, ...]:
+    """``DeepseekV2.absorbed_weights`` of the split model: computed once per generate / stream
+    call and passed to every decode step (an AWQ ``kv_b_proj`` is not dequantized per step)."""
+    return nnx.merge(graphdef, state).absorbed_weights()
+
+
 def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int, ignore_eos: bool,
-               state, values: SamplingValues, carry: DecodeState) -> DecodeState:
+               state, values: SamplingValues, kv_b, carry: DecodeState) -> DecodeState:
     """Sample one token per row from the carried logits, record it, and compute the next
     logits, unless this was the last token (``max_new`` reached or every row done)."""
     model = nnx.merge(graphdef, state)
@@ -155,7 +163,7 @@ def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int,
     # The next logits unconditionally: after the last token they go unused (one wasted forward
     # per generate call), but a lax.cond here makes XLA keep a second copy of the whole cache
     # (the branch that updates it in place cannot alias the one that passes it through).
-    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad)
+    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad, kv_b)
     return carry.replace(cache=cache, logits=logits, key=key, tokens=tokens, done=done,
                          step=step, slot=carry.slot + 1, seen=seen)
 
@@ -165,15 +173,18 @@ _STATIC = ("graphdef", "variant", "vocab_limit", "eos_id", "ignore_eos")
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
 def _decode_loop(graphdef, state, values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
-    body = functools.partial(_loop_body, graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values)
+    # kv_b_proj as the absorbed attention uses it, once for the whole loop (loop-invariant)
+    kv_b = nnx.merge(graphdef, state).absorbed_weights()
+    body = functools.partial(_loop_body, graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, kv_b)
     cond = lambda c: (c.step < c.max_new) & ~jnp.all(c.done)  # noqa: E731
     return jax.lax.while_loop(cond, body, carry)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
-def decode_step(graphdef, state, values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
-    """One decode step (the streaming path); compiled once per shape, whatever the step."""
-    return _loop_body(graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, carry)
+def decode_step(graphdef, state, values, kv_b, carry, *, variant, vocab_limit, eos_id, ignore_eos):
+    """One decode step (the streaming path); compiled once per shape, whatever the step.
+    ``kv_b``: :func:`absorbed_weights`, computed once per stream."""
+    return _loop_body(graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, kv_b, carry)
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +277,7 @@ class _Session:
             step=jnp.int32(0), slot=jnp.int32(p), pad=jnp.asarray(pad),
             max_new=jnp.int32(max_new_tokens), seen=seen)
         self.steps_done = 0
+        self.kv_b = None  # absorbed_weights, made at the first streamed step
 
     def run_loop(self):
         t0 = time.perf_counter()
@@ -277,7 +289,9 @@ class _Session:
 
     def step(self) -> np.ndarray:
         """One decode step; returns its tokens [B] (one host sync per step)."""
-        self.carry = decode_step(self.graphdef, self.state, self.values, self.carry, **self.static)
+        if self.kv_b is None:
+            self.kv_b = absorbed_weights(self.graphdef, self.state)
+        self.carry = decode_step(self.graphdef, self.state, self.values, self.kv_b, self.carry, **self.static)
         self.steps_done += 1  # counted on the host: reading carry.step would sync again
         return np.asarray(self.carry.tokens[:, self.steps_done - 1])
 

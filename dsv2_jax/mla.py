@@ -116,18 +116,19 @@ class MLA(nnx.Module):
 
     # ---- attention -----------------------------------------------------
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
-                 mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None):
+                 mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None, kv_b=None):
         """x [B, T, H]; cos/sin [B, T, d/2]; mask [B, T, T] (``SELF``) or [B, T, S] (``CACHE``,
         ``LATENT``) bool, True = attend. ``attend_len`` (static) limits ``CACHE`` / ``LATENT`` to
         the first slots, those filled so far: a prefill chunk then expands and attends over them
-        alone, not over the whole allocated cache (S = ``attend_len``). Returns (output
-        [B, T, H], the updated cache or None).
+        alone, not over the whole allocated cache (S = ``attend_len``). ``kv_b``: this layer's
+        :meth:`kv_b_weight`, computed once before a decode loop, for ``LATENT`` (else computed
+        here). Returns (output [B, T, H], the updated cache or None).
         """
-        out, cache = self.heads(x, cos, sin, mask, cache, cache_index, mode, attend_len)
+        out, cache = self.heads(x, cos, sin, mask, cache, cache_index, mode, attend_len, kv_b)
         return self.o_proj(out), cache
 
     def heads(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
-              mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None):
+              mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None, kv_b=None):
         """As :meth:`__call__`, but the attended values of all heads before ``o_proj``:
         ([B, T, nh · v], the updated cache or None)."""
         q_nope, q_pe = self.query(x, cos, sin)
@@ -139,7 +140,7 @@ class MLA(nnx.Module):
                 raise ValueError(f"MLA: attention mode {mode.name} needs a cache")
             c_kv, k_pe = cache.c_kv[:, :attend_len], cache.k_pe[:, :attend_len]
         if mode is AttentionMode.LATENT:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, kv_b)
         elif isinstance(mask, SlotMask) and mask.length > BLOCK:
             out = self._materialised_blocks(q_nope, q_pe, c_kv, k_pe, mask)
         else:
@@ -251,7 +252,7 @@ class MLA(nnx.Module):
         out, _ = jax.lax.fori_loop(0, n_slices, body, init)
         return out.astype(self.dtype)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, w=None):
         """Attention in latent space. With a :class:`SlotMask` on the CPU, while at most half the
         cache is filled, only the blocks filled so far are read (a loop over blocks of
         ``DECODE_BLOCK`` slots whose trip count is traced), each once for both scores and values:
@@ -259,9 +260,13 @@ class MLA(nnx.Module):
         one pass over every slot is faster (the loop copies each block out of the cache). On GPU
         the one fused pass always: each loop step there would be a few kernel launches of
         microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs of H200
-        bandwidth (reasoned, not measured on a GPU)."""
+        bandwidth (reasoned, not measured on a GPU).
+
+        ``w``, :meth:`kv_b_weight` computed by the caller: a decode loop computes it once for
+        all its steps (an AWQ ``kv_b_proj`` is then not dequantized in full every step)."""
         cfg = self.cfg
-        w = self.kv_b_weight(after=q_nope)
+        if w is None:
+            w = self.kv_b_weight(after=q_nope)
         w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
         f32 = jnp.float32
         q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)

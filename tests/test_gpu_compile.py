@@ -116,10 +116,40 @@ def test_inference_at_32k_context_fits(quant):
         assert r.memory.peak <= bound
 
 
+def _while_bodies(hlo: str) -> tuple[dict[str, str], list[set[str]]]:
+    """The optimized HLO's computations (name -> text) and, per while loop, the names of the
+    computations its body reaches (fusions, calls, nested loops)."""
+    comps = dict(re.findall(r"^(?:ENTRY )?%?(\S+) \([^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+    calls = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)")
+
+    def reach(name, seen):
+        if name in comps and name not in seen:
+            seen.add(name)
+            for c in calls.findall(comps[name]):
+                reach(c, seen)
+        return seen
+
+    bodies = re.findall(r"while\([^)]*\), condition=%?[\w.\-]+, body=%?([\w.\-]+)", hlo)
+    return comps, [reach(b, set()) for b in bodies]
+
+
 def test_awq_decode_kernels_read_packed_weights_in_place():
     """On GPU the Triton calls of the AWQ decode loop take the packed weights as they are
-    (loop-carried parameters or their slices), not an add that copies them first."""
+    (loop-carried parameters or their slices), not an add that copies them first. And
+    ``kv_b_proj``, which absorbed attention needs as a matrix, is dequantized once before the
+    loop (``DeepseekV2.absorbed_weights``), not at every step: no instruction of the loop
+    touches its packed words (s32[512, 512], a shape no other V2-Lite weight has), while the
+    entry computation does (27 layers). Before the change the loop held 54 such instructions."""
     r = gp.decode_loop("awq", 1, 4096)
+    comps, bodies = _while_bodies(r.hlo)
+    packed_kv_b = re.compile(r"s32\[512,512\]")
+    used = lambda text: [ln for ln in text.splitlines()  # noqa: E731
+                         if packed_kv_b.search(ln) and "parameter(" not in ln and "get-tuple-element" not in ln]
+    in_loop = [ln for body in bodies for c in body for ln in used(comps[c])]
+    assert bodies and not in_loop, in_loop[:5]
+    entry = re.search(r"^ENTRY [^\n]*\{\n(.*?)\n\}", r.hlo, re.M | re.S).group(1)
+    outside = [c for c in comps if not any(c in b for b in bodies)]
+    assert len([ln for c in outside for ln in used(comps[c])]) + len(used(entry)) >= 27
     calls = r.triton_calls()
     names = {n for n, _ in calls}
     assert {"awq_matmul", "awq_grouped_matmul"} <= names, names
