@@ -48,7 +48,7 @@ class DecoderLayer(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, quant=quant)
         prefix = f"model.layers.{layer}"
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = MLA(cfg, prefix=f"{prefix}.self_attn", **kw)
+        self.self_attn = MLA(cfg, prefix=f"{prefix}.self_attn", mesh=mesh, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         if self.is_moe:
             self.mlp = MoE(cfg, prefix=f"{prefix}.mlp", mesh=mesh, **kw)

@@ -18,7 +18,9 @@ design is *replicated tokens + local sort + local grouped matmul + reduce*:
    device sees all N tokens of the group and their routing (computed before, outside);
 2. each device keeps the (token, expert) pairs whose expert it holds, sorts them by expert
    and runs the same grouped matmul as one device does, over its E/P experts only; pairs
-   of other devices sort to the end and are never multiplied;
+   of other devices sort to the end and are never multiplied. With gathered tokens this runs
+   over the N/P tokens of one source device at a time (:func:`_dispatch_in_chunks`), so the
+   pair buffers have N/P·K rows, not N·K;
 3. the weighted partial sums are reduce-scattered back (each device keeps the rows of its
    own tokens). When no mesh axis divides N (decode of a few rows) the tokens are already
    replicated: there is no all-gather and the last step is a psum (an all-reduce).
@@ -29,8 +31,8 @@ bytes per value: the all-gather receives (P-1)/P·N·H·b and the reduce-scatter
 top-k K. An all-to-all dispatch sends each of the device's N/P tokens to its K experts and
 back, 2·(P-1)/P·(N/P)·K·H·b: K/P times the gathered cost, so it moves fewer bytes only once
 P > K (K = 6 for V2-Lite), and it needs capacity buffers (dropping tokens) or dynamic shapes.
-The gathered design is dropless with static shapes: the local buffer has room for all N·K
-pairs and the grouped matmul skips the rows of other devices, so per device the tiled CPU
+The gathered design is dropless with static shapes: each chunk's buffer has room for all its
+tokens' pairs and the grouped matmul skips the rows of other devices, so per device the tiled CPU
 matmul computes its own pairs plus at most one partial tile per local expert (the few-pairs
 decode path gathers weights for all N·K <= 64 pairs and zeroes the others' weights). Weights
 never move: the only collectives on expert weights are the gradient all-reduce over ``data``
@@ -133,6 +135,26 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
 
 
+def _dispatch_in_chunks(x, idx, weight, valid, w_gate, w_up, w_down, n_experts, chunks: int):
+    """:func:`_dispatch` over ``chunks`` equal slices of the tokens in turn (``lax.map``), each
+    slice recomputed in the backward pass (``jax.checkpoint``), so its buffers hold the pairs of
+    N/chunks tokens. The expert-parallel dispatch gathers the P devices' tokens and keeps room
+    for all N·K of their pairs, of which this device holds about 1/P: at V2-Lite's 4,096 tokens
+    per device over 8 devices that is 196,608 rows of 2,048 (768 MiB in bf16) per buffer, and a
+    MoE layer's backward holds a dozen such. One slice per source device keeps every pair of a
+    token in one slice (still dropless, the same static shapes) and divides those buffers by P.
+    The work is the same: the grouped matmul skips rows of experts held elsewhere."""
+    n = x.shape[0]
+    split = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])  # noqa: E731
+
+    def one(part):
+        xc, ic, wc, vc = part
+        return _dispatch(xc, ic, wc, w_gate, w_up, w_down, n_experts, vc)
+
+    y = jax.lax.map(jax.checkpoint(one), tuple(split(a) for a in (x, idx, weight, valid)))
+    return y.reshape(n, *y.shape[2:])
+
+
 def _token_spec(mesh, n: int):
     """How the N tokens enter the shard_map: split over the batch axes that divide N; and
     whether those include ``expert`` (then each expert shard gathers the group's tokens)."""
@@ -163,7 +185,10 @@ def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_do
             x, idx, weight = (jax.lax.all_gather(a, EXPERT, axis=0, tiled=True) for a in (x, idx, weight))
         here = idx - jax.lax.axis_index(EXPERT) * e_local  # [N, K] index among the local experts
         valid = (here >= 0) & (here < e_local)
-        y = _dispatch(x, here, weight, wg, wu, wd, e_local, valid)
+        if gather:  # one chunk per source device: buffers of N/P·K pairs, not N·K
+            y = _dispatch_in_chunks(x, here, weight, valid, wg, wu, wd, e_local, ep)
+        else:
+            y = _dispatch(x, here, weight, wg, wu, wd, e_local, valid)
         if gather:
             return jax.lax.psum_scatter(y, EXPERT, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, EXPERT)

@@ -279,6 +279,53 @@ def case_gpu_paths(folder: str, awq_folder: str) -> dict:
 SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
 
 
+def case_flash_sharded() -> dict:
+    """The GPU flash-attention path of MLA for a model built on a (data 2, expert 4) mesh: the
+    Pallas kernel (interpreted) runs in shard_map over the batch axes, each device on its own
+    sequences. Its output and gradients against the CPU path (blockwise attention in JAX, no
+    mesh) of the same module, 8 packed rows of 640 tokens (past the 512-token block)."""
+    from flax import nnx
+
+    from dsv2_jax import backend
+    from dsv2_jax.attention import SegmentMask
+    from dsv2_jax.config import DeepseekV2Config
+    from dsv2_jax.mla import MLA
+    from dsv2_jax.rope import cos_sin
+
+    cfg = DeepseekV2Config.v2_lite(hidden_size=64, num_attention_heads=2, kv_lora_rank=32,
+                                   qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                                   rope_scaling=None, max_position_embeddings=1024)
+    mesh = sh.make_mesh(data=2, expert=4)
+    b, t = 8, 640
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((b, t, cfg.hidden_size)), jnp.float32)
+    segments = jnp.asarray(np.repeat(np.arange(4), t // 4)[None] * np.ones((b, 1), int), jnp.int32)
+    cos, sin = cos_sin(cfg, jnp.broadcast_to(jnp.arange(t), (b, t)))
+    cot = jnp.asarray(rng.standard_normal((b, t, cfg.num_attention_heads * cfg.v_head_dim)), jnp.float32)
+    out = {}
+    for label, m in (("cpu", None), ("gpu", mesh)):
+        attn = MLA(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.float32, dtype=jnp.float32, mesh=m)
+        graphdef, params = nnx.split(attn)
+
+        def loss(params, x):
+            y, _ = nnx.merge(graphdef, params).heads(x, cos, sin, SegmentMask(segments))
+            return jnp.sum(y * cot), y
+
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        ctx = backend.target("gpu", interpret=True) if m is not None else backend.target("cpu")
+        with ctx:
+            if m is not None:
+                out["shard_map"] = "shard_map" in str(jax.make_jaxpr(loss)(params, x))
+            (_, y), grads = f(params, x)
+        out[label] = (np.asarray(y), [np.asarray(g) for g in jax.tree.leaves(grads)])
+    (y0, g0), (y1, g1) = out.pop("cpu"), out.pop("gpu")
+    out["out"] = float(np.abs(y0 - y1).max())
+    out["out_scale"] = float(np.abs(y0).max())
+    out["grad"] = max(float(np.abs(a - c).max() / (np.abs(a).max() + 1e-12)) for a, c in zip(g0, g1))
+    out["n_grads"] = len(g0)
+    return out
+
+
 def all_gathers(hlo: str) -> list[tuple[int, ...]]:
     """Result shapes of every all-gather (sync or async start) in optimized HLO text."""
     shapes = []
@@ -370,6 +417,8 @@ def main():
         out = case_lora_grads(folder, rest[0])
     elif case == "hlo":
         out = case_hlo(folder)
+    elif case == "flash_sharded":
+        out = case_flash_sharded()
     elif case == "gpu_paths":
         out = case_gpu_paths(folder, rest[0])
     else:
