@@ -187,10 +187,8 @@ def dispatch_experts_parallel(x: jax.Array, routing: Routing, w_gate, w_up, w_do
         valid = (here >= 0) & (here < e_local)
         if gather:  # one chunk per source device: buffers of N/P·K pairs, not N·K
             y = _dispatch_in_chunks(x, here, weight, valid, wg, wu, wd, e_local, ep)
-        else:
-            y = _dispatch(x, here, weight, wg, wu, wd, e_local, valid)
-        if gather:
             return jax.lax.psum_scatter(y, EXPERT, scatter_dimension=0, tiled=True)
+        y = _dispatch(x, here, weight, wg, wu, wd, e_local, valid)
         return jax.lax.psum(y, EXPERT)
 
     w_spec = P(EXPERT)  # a prefix: every leaf of an AWQWeight / Adapted is stacked [E, ...] too
