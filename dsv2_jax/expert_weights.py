@@ -134,6 +134,22 @@ def gathered_matmul(x: jax.Array, w: Stacked, expert_ids: jax.Array) -> jax.Arra
     return jnp.einsum("mk,mkn->mn", x, wsel)
 
 
+def is_dense(w: Stacked) -> bool:
+    """Whether the stack (the base of an :class:`Adapted` one) is plain dense weights."""
+    return _is_dense(w.base if isinstance(w, Adapted) else w)
+
+
+def every_expert_matmul(x: jax.Array, w: Stacked, _rows=None) -> jax.Array:
+    """x [N, in] (the same rows for every expert) or [E, N, in] times each expert: [E, N, out].
+    Dense stacks only (a packed one would be dequantized whole); the weights are read in place,
+    with no per-row copy (the CPU path for few tokens, ``moe._dispatch``)."""
+    if isinstance(w, Adapted):
+        return _plus_adapter(every_expert_matmul, x, w, None)
+    if x.ndim == 2:
+        x = jnp.broadcast_to(x, (w.shape[0], *x.shape))
+    return jnp.matmul(x, w.astype(x.dtype))
+
+
 def grouped_matmul(x: jax.Array, w: Stacked, group_sizes: jax.Array) -> jax.Array:
     """x [M, in] sorted by expert, ``group_sizes`` int32 [E] -> [M, out] in ``x.dtype``.
     Rows past ``sum(group_sizes)`` belong to no expert and come out zero."""

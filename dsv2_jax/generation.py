@@ -143,11 +143,9 @@ def absorbed_weights(graphdef, state) -> tuple[jax.Array, ...]:
     return nnx.merge(graphdef, state).absorbed_weights()
 
 
-def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int, ignore_eos: bool,
-               state, values: SamplingValues, kv_b, carry: DecodeState) -> DecodeState:
-    """Sample one token per row from the carried logits, record it, and compute the next
-    logits, unless this was the last token (``max_new`` reached or every row done)."""
-    model = nnx.merge(graphdef, state)
+def _sample(variant: SamplerVariant, vocab_limit: int, eos_id: int, ignore_eos: bool,
+            values: SamplingValues, carry: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """Sample one token per row from the carried logits and record it: (carry, tokens [B])."""
     logits = carry.logits
     if vocab_limit < logits.shape[-1]:  # ids the tokenizer cannot decode are never sampled
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
@@ -159,13 +157,26 @@ def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int,
     if not ignore_eos:
         done = done | (token == eos_id)
     seen = mark_seen(carry.seen, token) if carry.seen is not None else None
-    step = carry.step + 1
-    # The next logits unconditionally: after the last token they go unused (one wasted forward
-    # per generate call), but a lax.cond here makes XLA keep a second copy of the whole cache
-    # (the branch that updates it in place cannot alias the one that passes it through).
-    logits, cache = _decode_logits(model, carry.cache, token, carry.slot, carry.pad, kv_b)
-    return carry.replace(cache=cache, logits=logits, key=key, tokens=tokens, done=done,
-                         step=step, slot=carry.slot + 1, seen=seen)
+    return carry.replace(key=key, tokens=tokens, done=done, step=carry.step + 1, seen=seen), token
+
+
+def _loop_body(graphdef, variant: SamplerVariant, vocab_limit: int, eos_id: int, ignore_eos: bool,
+               state, values: SamplingValues, kv_b, carry: DecodeState) -> DecodeState:
+    """Sample one token per row and compute the logits that follow it."""
+    carry, token = _sample(variant, vocab_limit, eos_id, ignore_eos, values, carry)
+    logits, cache = _decode_logits(nnx.merge(graphdef, state), carry.cache, token, carry.slot, carry.pad, kv_b)
+    return carry.replace(cache=cache, logits=logits, slot=carry.slot + 1)
+
+
+def _last_sample(variant, vocab_limit, eos_id, ignore_eos, values, carry: DecodeState) -> DecodeState:
+    """The last token of a loop, sampled with no forward after it (its logits would go
+    unused); nothing changes if every row had already finished. The cache passes through
+    untouched: a ``lax.cond`` or ``where`` over it would make XLA keep a second copy."""
+    out, _ = _sample(variant, vocab_limit, eos_id, ignore_eos, values, carry)
+    more = (carry.step < carry.max_new) & ~jnp.all(carry.done)
+    pick = lambda new, old: None if new is None else jnp.where(more, new, old)  # noqa: E731
+    return carry.replace(**{f: pick(getattr(out, f), getattr(carry, f))
+                            for f in ("key", "tokens", "done", "step", "seen")})
 
 
 _STATIC = ("graphdef", "variant", "vocab_limit", "eos_id", "ignore_eos")
@@ -173,11 +184,14 @@ _STATIC = ("graphdef", "variant", "vocab_limit", "eos_id", "ignore_eos")
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
 def _decode_loop(graphdef, state, values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
+    """Tokens until ``max_new`` or every row is done: each but the last followed by a forward
+    (``max_new`` tokens cost ``max_new - 1`` forwards after the prefill)."""
     # kv_b_proj as the absorbed attention uses it, once for the whole loop (loop-invariant)
     kv_b = nnx.merge(graphdef, state).absorbed_weights()
     body = functools.partial(_loop_body, graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, kv_b)
-    cond = lambda c: (c.step < c.max_new) & ~jnp.all(c.done)  # noqa: E731
-    return jax.lax.while_loop(cond, body, carry)
+    cond = lambda c: (c.step < c.max_new - 1) & ~jnp.all(c.done)  # noqa: E731
+    carry = jax.lax.while_loop(cond, body, carry)
+    return _last_sample(variant, vocab_limit, eos_id, ignore_eos, values, carry)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
@@ -185,6 +199,12 @@ def decode_step(graphdef, state, values, kv_b, carry, *, variant, vocab_limit, e
     """One decode step (the streaming path); compiled once per shape, whatever the step.
     ``kv_b``: :func:`absorbed_weights`, computed once per stream."""
     return _loop_body(graphdef, variant, vocab_limit, eos_id, ignore_eos, state, values, kv_b, carry)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC[1:], donate_argnames=("carry",))
+def last_step(values, carry, *, variant, vocab_limit, eos_id, ignore_eos):
+    """The streaming path's last token: sampled, with no forward after it."""
+    return _last_sample(variant, vocab_limit, eos_id, ignore_eos, values, carry)
 
 
 # ---------------------------------------------------------------------------
@@ -287,11 +307,16 @@ class _Session:
         self.decode_s = time.perf_counter() - t0
         self.compiled |= _decode_loop._cache_size() > compiled_before
 
-    def step(self) -> np.ndarray:
-        """One decode step; returns its tokens [B] (one host sync per step)."""
-        if self.kv_b is None:
-            self.kv_b = absorbed_weights(self.graphdef, self.state)
-        self.carry = decode_step(self.graphdef, self.state, self.values, self.kv_b, self.carry, **self.static)
+    def step(self, last: bool = False) -> np.ndarray:
+        """One decode step; returns its tokens [B] (one host sync per step). ``last``: the
+        final token, with no forward after it."""
+        if last:
+            self.carry = last_step(self.values, self.carry, **self.static)
+        else:
+            if self.kv_b is None:
+                self.kv_b = absorbed_weights(self.graphdef, self.state)
+            self.carry = decode_step(self.graphdef, self.state, self.values, self.kv_b, self.carry,
+                                     **self.static)
         self.steps_done += 1  # counted on the host: reading carry.step would sync again
         return np.asarray(self.carry.tokens[:, self.steps_done - 1])
 
@@ -388,11 +413,11 @@ def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterat
     dec = StreamDecoder(tokenizer)
     eos, text, held, new_ids, reason = sess.static["eos_id"], "", "", [], "length"
     stop = [s for s in (stop or []) if s]
-    compiled_before = decode_step._cache_size()
+    compiled_before = decode_step._cache_size() + last_step._cache_size()
     t0 = time.perf_counter()
     t_first = None  # end of the first step, which may include compiling the step
-    for _ in range(max_new_tokens):
-        token = int(sess.step()[0])
+    for i in range(max_new_tokens):
+        token = int(sess.step(last=i == max_new_tokens - 1)[0])
         t_first = t_first or time.perf_counter()
         if token == eos and not sess.static["ignore_eos"]:
             reason = "eos"
@@ -420,7 +445,7 @@ def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterat
     if held:
         yield held
     end = time.perf_counter()
-    decode_compiled = decode_step._cache_size() > compiled_before
+    decode_compiled = decode_step._cache_size() + last_step._cache_size() > compiled_before
     if stats is not None:
         # With a compiled first step, the rate is that of the steps after it (steady state).
         steps, span = ((len(new_ids) - 1, end - t_first) if decode_compiled and len(new_ids) > 1

@@ -119,6 +119,16 @@ class MLA(nnx.Module):
         w = self.kv_b_proj.dense_weight(self.dtype, after=after)
         return w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
 
+    def absorbed_kv_b(self, after=None) -> tuple[jax.Array, jax.Array]:
+        """:meth:`kv_b_weight` split as absorbed decode multiplies it, heads leading: ``W_UK``
+        [nh, nope, r] (folded into the query) and ``W_UV`` [nh, r, v] (applied to the attended
+        latents). In this layout the per-head products need no transpose of the weights, so a
+        decode loop that gets them once (``kv_b=``) copies nothing per step."""
+        cfg = self.cfg
+        w = self.kv_b_weight(after=after)
+        w_uk = jnp.transpose(w[..., : cfg.qk_nope_head_dim], (1, 2, 0))
+        return w_uk, jnp.swapaxes(w[..., cfg.qk_nope_head_dim:], 0, 1)
+
     # ---- attention -----------------------------------------------------
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None,
                  mode: AttentionMode = AttentionMode.SELF, attend_len: int | None = None, kv_b=None):
@@ -126,7 +136,7 @@ class MLA(nnx.Module):
         ``LATENT``) bool, True = attend. ``attend_len`` (static) limits ``CACHE`` / ``LATENT`` to
         the first slots, those filled so far: a prefill chunk then expands and attends over them
         alone, not over the whole allocated cache (S = ``attend_len``). ``kv_b``: this layer's
-        :meth:`kv_b_weight`, computed once before a decode loop, for ``LATENT`` (else computed
+        :meth:`absorbed_kv_b`, computed once before a decode loop, for ``LATENT`` (else computed
         here). Returns (output [B, T, H], the updated cache or None).
         """
         out, cache = self.heads(x, cos, sin, mask, cache, cache_index, mode, attend_len, kv_b)
@@ -277,14 +287,11 @@ class MLA(nnx.Module):
         microseconds, while a V2-Lite layer's whole 32K-slot cache is 37 MB, ~8 µs of H200
         bandwidth (reasoned, not measured on a GPU).
 
-        ``w``, :meth:`kv_b_weight` computed by the caller: a decode loop computes it once for
+        ``w``, :meth:`absorbed_kv_b` computed by the caller: a decode loop computes it once for
         all its steps (an AWQ ``kv_b_proj`` is then not dequantized in full every step)."""
-        cfg = self.cfg
-        if w is None:
-            w = self.kv_b_weight(after=q_nope)
-        w_uk, w_uv = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+        w_uk, w_uv = self.absorbed_kv_b(after=q_nope) if w is None else w
         f32 = jnp.float32
-        q_lat = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=f32)
+        q_lat = jnp.einsum("btnd,ndr->btnr", q_nope, w_uk, preferred_element_type=f32)
         q_lat = q_lat.astype(self.dtype)  # [B, T, nh, r]
         if isinstance(mask, SlotMask) and not backend.on_gpu() and mask.length > DECODE_BLOCK:
             blocks = lambda: self._latent_blocks(q_lat, q_pe, c_kv, k_pe, mask, DECODE_BLOCK)  # noqa: E731
@@ -292,7 +299,7 @@ class MLA(nnx.Module):
             o_lat = jax.lax.cond(mask.filled() * DENSE_ABOVE_FILLED < mask.length, blocks, whole)
         else:
             o_lat = self._latent_pass(q_lat, q_pe, c_kv, k_pe, mask.dense() if isinstance(mask, SlotMask) else mask)
-        return jnp.einsum("btnr,rnd->btnd", o_lat, w_uv)  # [B, T, nh, v]
+        return jnp.einsum("btnr,nrd->btnd", o_lat, w_uv)  # [B, T, nh, v]
 
     def _latent_pass(self, q_lat, q_pe, c_kv, k_pe, mask):
         """Absorbed attention over every slot in one pass: [B, T, nh, r] attended latents."""

@@ -99,11 +99,12 @@ class DeepseekV2(nnx.Module):
         """Logits float32 [B, T, vocab] for int ids [B, T] (positions default to 0..T-1)."""
         return self.forward(input_ids, positions, attention_mask).logits
 
-    def absorbed_weights(self) -> tuple[jax.Array, ...]:
-        """Every layer's ``kv_b_proj`` as absorbed decode uses it (``MLA.kv_b_weight``: [r, nh,
-        nope + v], dequantized if AWQ, its adapter folded in), for ``forward(kv_b=)``: a decode
-        loop computes them once, not at every step. AWQ V2-Lite: 4 MiB per layer in bf16."""
-        return tuple(layer.self_attn.kv_b_weight() for layer in self.layers)
+    def absorbed_weights(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Every layer's ``kv_b_proj`` as absorbed decode uses it (``MLA.absorbed_kv_b``: W_UK
+        [nh, nope, r] and W_UV [nh, r, v], dequantized if AWQ, its adapter folded in), for
+        ``forward(kv_b=)``: a decode loop computes them once, not at every step. V2-Lite: 4 MiB
+        per layer in bf16."""
+        return tuple(layer.self_attn.absorbed_kv_b() for layer in self.layers)
 
     def forward(self, input_ids, positions=None, attention_mask=None, *,
                 cache: KVCache | None = None, cache_index=None, mask=None,

@@ -233,3 +233,26 @@ def test_prefill_chunks_are_bounded_in_tokens_over_the_batch():
     for n in (17, 600, 3000, 32000):
         p = gen.bucket_length(n)
         assert all(p % gen.prefill_chunk(b, p) == 0 for b in (1, 8, 64, 100, 1000))
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5])
+def test_the_last_token_runs_no_forward(models, max_new):
+    """N new tokens cost N - 1 decode forwards: the first comes from the prefill's logits and
+    the last is sampled with no forward after it. Each forward writes its token's latent to
+    the next cache slot, so exactly N - 1 slots after the prompt are filled."""
+    model = models["lite"]
+    prompt = _prompt(16, 7)
+    p = gen.bucket_length(len(prompt))  # decode writes from slot p on
+    sess = gen._Session(model, None, [prompt], max_new, SamplingParams(), ignore_eos=True)
+    sess.run_loop()
+    assert int(sess.carry.step) == max_new
+    written = np.abs(np.asarray(sess.carry.cache.layers[0].c_kv[0, p:])).sum(axis=-1) > 0
+    assert written.sum() == max_new - 1 and written[: max_new - 1].all()
+    # the same tokens as generate(), and as the streaming path (whose last step is sample-only)
+    tokens = np.asarray(sess.carry.tokens[0, :max_new]).tolist()
+    assert tokens == dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=max_new,
+                                       ignore_eos=True).token_ids[0]
+    stats = {}
+    list(dsv2_jax.stream(model, _FakeTok(), prompt_ids=prompt, max_new_tokens=max_new,
+                         ignore_eos=True, stats=stats))
+    assert stats["token_ids"] == tokens
