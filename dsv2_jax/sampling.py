@@ -25,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from . import backend
+
 NEG_INF = -jnp.inf
 
 
@@ -190,6 +192,17 @@ def sample(
     return sample_traced(logits, key, SamplerVariant.of(params), SamplingValues.of(params), seen_mask)
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+    """The index of each row's largest logit (the lowest index among ties), int32 [...].
+
+    On the CPU ``lax.top_k(·, 1)`` (XLA's TopK routine) finds it 2-3x faster than ``argmax``'s
+    variadic (value, index) reduce over a 32K vocabulary (0.24 vs 0.46 ms at batch 8), with
+    the same tie rule; GPUs keep ``argmax``."""
+    if backend.on_gpu():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.top_k(logits, 1)[1][..., 0].astype(jnp.int32)
+
+
 def sample_traced(logits: jax.Array, key: jax.Array, variant: SamplerVariant,
                   values: SamplingValues, seen_mask: jax.Array | None = None) -> jax.Array:
     """:func:`sample` with ``variant`` static and ``values`` traced (inside jit)."""
@@ -199,7 +212,7 @@ def sample_traced(logits: jax.Array, key: jax.Array, variant: SamplerVariant,
             raise ValueError("repetition_penalty != 1 needs seen_mask [B, V] (tokens in prompt and output)")
         logits = apply_repetition_penalty(logits, seen_mask, values.repetition_penalty)
     if variant.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     logits = _filter(logits / values.temperature, variant, values)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 

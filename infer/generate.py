@@ -200,6 +200,7 @@ def _chat(model, tok, args, kw, out) -> int:
         stats: dict = {}
         reply = ""
         out.write("Assistant: ")
+        out.flush()  # the label shows at once, before prefill and the first printable token
         try:
             for piece in dsv2_jax.stream(model, tok, messages=_with_system(args, history), **kw,
                                          stats=stats):

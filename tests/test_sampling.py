@@ -151,6 +151,18 @@ def test_greedy_is_argmax(logits):
                                   np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32).argmax(-1)))
 
 
+def test_greedy_takes_the_lowest_index_among_ties():
+    """As NumPy's argmax: the first of equal maxima (the CPU path picks with lax.top_k)."""
+    rows = np.full((4, 32000), -1.0, np.float32)
+    rows[0, [7, 3, 31999]] = 2.0  # three-way tie
+    rows[1, [0, 1]] = 5.0
+    rows[2, 31999] = 0.5
+    rows[3] = 0.0  # all equal
+    got = sample(jnp.asarray(rows), None, SamplingParams())
+    np.testing.assert_array_equal(np.asarray(got), rows.argmax(-1))
+    assert np.asarray(got).tolist() == [3, 0, 31999, 0]
+
+
 def test_greedy_with_repetition_penalty(logits):
     seen = np.zeros((B, V), bool)
     seen[np.arange(B), logits.argmax(-1)] = True
