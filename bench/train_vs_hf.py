@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         t_ours, t_hf = [], []
         for r in range(args.rounds):
             if args.profile and r == 0:
-                jax.profiler.start_trace(args.profile)
+                jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 state, m = step_fn(state, batch)

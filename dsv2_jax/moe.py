@@ -146,13 +146,17 @@ def _dispatch(x, topk_idx, topk_weight, w_gate, w_up, w_down, n_experts, valid=N
     token_of = order // k
     # Sentinel ids (== n_experts) fall outside bincount's length: they join no group.
     group_sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    xs = jnp.take(x, token_of, axis=0)  # [N*K, H] rows grouped by expert
-    h = jax.nn.silu(ew.grouped_matmul(xs, w_gate, group_sizes)) * ew.grouped_matmul(xs, w_up, group_sizes)
-    y = ew.grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
-    # Back to pair order (a permutation: a gather, no scatter-add), then each token's K outputs
-    # summed in float32 in a fixed order: deterministic on every backend.
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype), unique_indices=True)
-    y = jnp.take(y, inverse, axis=0, unique_indices=True).astype(jnp.float32) * flat_weight[:, None]
+    if ew.tiled_ffn_fits(n * k, w_gate, w_up, w_down):  # small dense experts on the CPU
+        y = ew.tiled_ffn(x, token_of, flat_expert, inverse, group_sizes, w_gate, w_up, w_down)
+    else:
+        xs = jnp.take(x, token_of, axis=0)  # [N*K, H] rows grouped by expert
+        h = jax.nn.silu(ew.grouped_matmul(xs, w_gate, group_sizes)) * ew.grouped_matmul(xs, w_up, group_sizes)
+        y = ew.grouped_matmul(h, w_down, group_sizes)  # [N*K, H]
+        # Back to pair order (a permutation: a gather, no scatter-add)
+        y = jnp.take(y, inverse, axis=0, unique_indices=True)
+    # each token's K outputs summed in float32 in a fixed order: deterministic on every backend
+    y = y.astype(jnp.float32) * flat_weight[:, None]
     return jnp.sum(y.reshape(n, k, -1), axis=1).astype(x.dtype)
 
 

@@ -43,12 +43,20 @@ def _case(n, seed=0, experts=E):
     return x, idx, weight, ws
 
 
+PATHS = ["gather", "every", "sorted", "sorted-grouped"]
+
+
 def _force(monkeypatch, path, n):
-    monkeypatch.setattr(moe, "_path", lambda *_: path)
+    """``sorted`` runs small dense stacks through ``ew.tiled_ffn`` (the whole FFN in the tile
+    layout); ``sorted-grouped`` through three ``ew.grouped_matmul`` calls, as for bigger or
+    packed experts."""
+    monkeypatch.setattr(moe, "_path", lambda *_: path.split("-")[0])
+    if path == "sorted-grouped":
+        monkeypatch.setattr(ew, "tiled_ffn_fits", lambda *_: False)
 
 
-@pytest.mark.parametrize("path", ["gather", "every", "sorted"])
-@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n", [1, 3, 8, 200])
 def test_each_path_equals_numpy(monkeypatch, path, n):
     x, idx, weight, ws = _case(n)
     _force(monkeypatch, path, n)
@@ -56,7 +64,7 @@ def test_each_path_equals_numpy(monkeypatch, path, n):
     np.testing.assert_allclose(np.asarray(got), _reference(x, idx, weight, *ws), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["gather", "every", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 def test_expert_parallel_sentinel_pairs_count_nothing(monkeypatch, path):
     """As one of 2 expert shards: the local experts are 0..7; pairs whose index falls outside
     (another device's experts, negative or >= 8) are marked not valid and must add nothing."""
@@ -71,7 +79,7 @@ def test_expert_parallel_sentinel_pairs_count_nothing(monkeypatch, path):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["gather", "every", "sorted"])
+@pytest.mark.parametrize("path", PATHS)
 def test_adapted_experts_add_their_lora(monkeypatch, path):
     n, r, scaling = 5, 3, 0.5
     x, idx, weight, ws = _case(n, seed=2)
@@ -85,20 +93,27 @@ def test_adapted_experts_add_their_lora(monkeypatch, path):
     np.testing.assert_allclose(np.asarray(got), _reference(x, idx, weight, *merged), rtol=1e-5, atol=1e-5)
 
 
-def test_every_expert_gradients_equal_the_gathered_path(monkeypatch):
-    """d(loss)/d(x, weights) through every expert equals the per-pair gathered path's (whose
-    gradients the expert-parallel and LoRA training tests check against transformers/PEFT)."""
-    n = 6
-    x, idx, weight, ws = _case(n, seed=4)
+@pytest.mark.parametrize("path", ["every", "sorted", "sorted-grouped"])
+def test_gradients_equal_the_gathered_path(monkeypatch, path):
+    """d(loss)/d(x, weights) through every expert, the tile-layout FFN and the grouped matmuls
+    equals the per-pair gathered path's (whose gradients the expert-parallel and LoRA training
+    tests check against transformers/PEFT). 40 tokens over 16 experts with experts 3 and 9
+    never chosen: several tiles per expert, and empty experts."""
+    n = 40
+    x, _, weight, ws = _case(n, seed=4)
+    rng = np.random.default_rng(6)
+    chosen = [e for e in range(E) if e not in (3, 9)]
+    idx = np.stack([rng.choice(chosen, K, replace=False) for _ in range(n)]).astype(np.int32)
     probe = np.random.default_rng(5).standard_normal((n, H)).astype(np.float32)
 
     def grads(path):
+        monkeypatch.undo()
         _force(monkeypatch, path, n)
         loss = lambda x, *w: jnp.sum(moe._dispatch(x, idx, weight, *w, E) * probe)  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, *ws)
 
-    for a, b in zip(grads("every"), grads("gather")):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(path), grads("gather")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def _chosen(n, k, e, shape, dtype):

@@ -10,7 +10,9 @@ from flax import nnx
 
 from dsv2_jax import DeepseekV2, DeepseekV2Config, ModelOutput
 from dsv2_jax.moe import Routing
-from dsv2_jax.training.losses import balance_loss, cross_entropy, expert_load, total_balance_loss
+from dsv2_jax.training import losses
+from dsv2_jax.training.losses import (balance_loss, cross_entropy, expert_load, head_cross_entropy,
+                                      total_balance_loss)
 
 
 def routing(scores, topk_idx) -> Routing:
@@ -45,6 +47,50 @@ def test_cross_entropy_by_hand():
     assert float(n) == 0.0 and float(loss) == 0.0 and loss.dtype == jnp.float32
     with pytest.raises(ValueError, match="targets"):
         cross_entropy(logits, targets[:, :2], None)
+
+
+def _head_reference(x, w, targets, mask):
+    """float64 NumPy: mean masked NLL of softmax(x @ w) and its gradients in x and w."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    logits = x @ w
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    onehot = np.eye(w.shape[1])[targets]
+    m = mask.astype(np.float64)
+    n = max(m.sum(), 1.0)
+    loss = -(np.log((p * onehot).sum(-1)) * m).sum() / n
+    g = (p - onehot) * m[..., None] / n  # d loss / d logits
+    return loss, g @ w.T, np.einsum("bth,btv->hv", x, g)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_head_cross_entropy_equals_numpy(monkeypatch, chunk):
+    """lm_head fused into the loss: value and both gradients against NumPy, with a loss mask,
+    and (chunk 3 over T = 7) chunks that cross rows and a padded last chunk."""
+    if chunk:
+        monkeypatch.setattr(losses, "head_chunk", lambda *_: chunk)
+    rng = np.random.default_rng(0)
+    b, t, h, v = 2, 7, 16, 50
+    x = rng.standard_normal((b, t, h)).astype(np.float32)
+    w = rng.standard_normal((h, v)).astype(np.float32) * 0.3
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    mask = rng.random((b, t)) < 0.7
+    want, want_dx, want_dw = _head_reference(x, w, targets, mask)
+    f = lambda x, w: head_cross_entropy(x, w, targets, mask)[0]  # noqa: E731
+    loss, (dx, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-7)
+    assert float(jax.jit(f)(x, w)) == pytest.approx(want, rel=1e-6)  # no gradient: the plain loop
+    # a frozen lm_head (LoRA): the input gradient alone
+    dx_only = jax.grad(lambda x: head_cross_entropy(x, jax.lax.stop_gradient(w), targets, mask)[0])(x)
+    np.testing.assert_allclose(np.asarray(dx_only), want_dx, rtol=1e-5, atol=1e-7)
+    # bfloat16 products (mixed precision): float32 logits, within bf16 rounding
+    loss16, n = head_cross_entropy(x, w, targets, mask, compute_dtype=jnp.bfloat16)
+    assert float(n) == mask.sum() and loss16.dtype == jnp.float32
+    assert float(loss16) == pytest.approx(want, rel=2e-2)
+    with pytest.raises(ValueError, match="targets"):
+        head_cross_entropy(x, w, targets[:, :3], mask)
 
 
 def test_balance_loss_by_hand():

@@ -28,7 +28,7 @@ from ..attention import SegmentMask
 from ..lora import set_dropout_keys
 from ..model import ModelOutput
 from ..rope import cos_sin
-from .losses import cross_entropy, expert_load, total_balance_loss
+from .losses import cross_entropy, expert_load, head_cross_entropy, total_balance_loss
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
@@ -63,6 +63,13 @@ def train_forward(model, input_ids, positions, mask, remat: str = "none") -> Mod
     Same computation as ``model.forward(ids, positions, mask=mask)`` (tested); the layer loop
     is spelled out here so that a remat policy can wrap each layer.
     """
+    hidden, routings = train_hidden(model, input_ids, positions, mask, remat)
+    return ModelOutput(logits=model.lm_head(hidden).astype(jnp.float32), routings=routings)
+
+
+def train_hidden(model, input_ids, positions, mask, remat: str = "none"):
+    """:func:`train_forward` up to the final norm: ``(hidden [B, T, H], routings)``; the step's
+    loss takes lm_head's product itself (``losses.head_cross_entropy``)."""
     policy = REMAT_POLICIES[remat]
 
     def layer_fn(layer, x, cos, sin, mask):
@@ -89,15 +96,27 @@ def train_forward(model, input_ids, positions, mask, remat: str = "none") -> Mod
         x, routing = layer_fn(layer, x, cos, sin, mask)
         if routing is not None:
             routings.append(routing)
-    logits = model.lm_head(model.norm(x)).astype(jnp.float32)
-    return ModelOutput(logits=logits, routings=tuple(routings))
+    return model.norm(x), tuple(routings)
+
+
+def lm_loss(model, batch, mask, remat: str = "none"):
+    """``(mean CE, n_tokens, routings)`` of one [B, T] batch: the decoder, then lm_head fused
+    into the cross-entropy (no [B, T, vocab] logits) unless lm_head is quantized or adapted."""
+    hidden, routings = train_hidden(model, batch["inputs"], batch["positions"], mask, remat)
+    head = model.lm_head
+    if head.quantized or head.lora is not None:
+        ce, n = cross_entropy(head(hidden), batch["targets"], batch["loss_mask"])
+    else:
+        ce, n = head_cross_entropy(hidden, head.weight[...], batch["targets"], batch["loss_mask"],
+                                   compute_dtype=head.dtype)
+    return ce, n, routings
 
 
 def _micro_loss(model, cfg, mb, n_total, accum, remat, document_mask):
     b, t = mb["inputs"].shape
     mask = attention_mask(mb["segments"], document_mask)
-    out = train_forward(model, mb["inputs"], mb["positions"], mask, remat)
-    ce, n = cross_entropy(out.logits, mb["targets"], mb["loss_mask"])
+    ce, n, routings = lm_loss(model, mb, mask, remat)
+    out = ModelOutput(logits=None, routings=routings)
     ce_sum = ce * n
     # With document masks each packed document is a sequence of the balance loss too.
     bal = total_balance_loss(out, cfg, b, t, segments=mb["segments"] if document_mask else None)
@@ -194,8 +213,7 @@ def make_eval_step(graphdef, rest, *, document_mask: bool = True):
     def evaluate(params, batch):
         model = nnx.merge(graphdef, params, rest)
         mask = attention_mask(batch["segments"], document_mask)
-        out = train_forward(model, batch["inputs"], batch["positions"], mask)
-        ce, n = cross_entropy(out.logits, batch["targets"], batch["loss_mask"])
+        ce, n, _ = lm_loss(model, batch, mask)
         return ce * n, n
 
     return evaluate
