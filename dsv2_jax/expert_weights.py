@@ -168,8 +168,8 @@ def grouped_matmul(x: jax.Array, w: Stacked, group_sizes: jax.Array) -> jax.Arra
 # one batched matmul over all tiles (gathers in and out); bigger (or packed) ones loop over tiles.
 BATCHED_TILES_MAX_BYTES = 64 << 20
 # Up to this many experts the batched tiles copy their weights with a one-hot matmul (E times
-# the copy's bytes in FLOPs) instead of a gather: a 16-expert matmul's forward and backward
-# 19.2 vs 23.2 ms (8,192 rows, 256 x 64).
+# the copy's bytes in FLOPs) instead of a gather, whose transpose in the backward pass is a
+# scatter-add.
 ONE_HOT_MAX_EXPERTS = 64
 
 
@@ -302,7 +302,7 @@ def tiled_ffn(x, token_of, pair_expert, inverse, group_sizes, w_gate, w_up, w_do
     stays in the tile layout of :func:`grouped_matmul`'s batched CPU form: one gather of the
     tokens into tiles and one gather of the results back to pair order, where three grouped
     matmuls gather and scatter around each product (a 16-expert layer's forward and backward
-    87 vs 102 ms, 2,048 tokens top-4, 256 x 64; bench/train_vs_hf.py)."""
+    59 vs 78 ms, 2,048 tokens top-4, 256 x 64; bench/train_parts.py)."""
     m = token_of.shape[0]
     e = group_sizes.shape[0]
     t = _tiles(group_sizes, m, _tile_size(m, e))
