@@ -40,15 +40,19 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
     # gather's transpose scatters into a zeroed [B, T, V] buffer (bench/train_vs_hf.py).
     hit = jnp.arange(logits.shape[-1]) == targets[..., None]
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-    if loss_mask is None:
-        mask = jnp.ones(targets.shape, jnp.float32)
-    else:
-        if loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask: expected shape {targets.shape}, got {loss_mask.shape}")
-        mask = loss_mask.astype(jnp.float32)
+    mask = _float_mask(loss_mask, targets.shape)
     n = jnp.sum(mask)
     loss = jnp.sum(nll * mask) / jnp.maximum(n, 1.0)
     return loss, n
+
+
+def _float_mask(loss_mask, shape) -> jax.Array:
+    """``loss_mask`` as float32 0/1 of ``shape`` (all ones for None), its shape checked."""
+    if loss_mask is None:
+        return jnp.ones(shape, jnp.float32)
+    if loss_mask.shape != shape:
+        raise ValueError(f"loss_mask: expected shape {shape}, got {loss_mask.shape}")
+    return loss_mask.astype(jnp.float32)
 
 
 def head_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
@@ -75,12 +79,7 @@ def head_cross_entropy(hidden: jax.Array, weight: jax.Array, targets: jax.Array,
     if targets.shape != hidden.shape[:2]:
         raise ValueError(f"targets: expected shape {hidden.shape[:2]} (hidden {hidden.shape}), "
                          f"got {targets.shape}")
-    if loss_mask is None:
-        mask = jnp.ones(targets.shape, jnp.float32)
-    else:
-        if loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask: expected shape {targets.shape}, got {loss_mask.shape}")
-        mask = loss_mask.astype(jnp.float32)
+    mask = _float_mask(loss_mask, targets.shape)
     dtype = jnp.dtype(compute_dtype or hidden.dtype)
     n = jnp.sum(mask)
     total = _head_nll_sum(hidden, weight, targets.astype(jnp.int32), mask, dtype)
