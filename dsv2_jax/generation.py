@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -390,11 +390,13 @@ def stream(model, tokenizer=None, *, prompts=None, messages=None, prompt_ids=Non
            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
            stop: Sequence[str] | None = None, ignore_eos: bool = False, add_bos: bool = True,
-           stats: dict | None = None) -> Iterator[str]:
+           stats: dict | None = None, interrupted: Callable[[], bool] | None = None) -> Iterator[str]:
     """Yield text pieces of one prompt as tokens arrive (one jitted step per token).
 
     Pass a dict as ``stats`` to receive token ids, finish reason and timings at the end.
-    Bad arguments raise here, before the first piece.
+    ``interrupted`` (e.g. ``threading.Event().is_set``) is asked before each step; once it
+    returns True the stream flushes what it holds and ends (finish reason ``"interrupted"``),
+    also through tokens that print nothing. Bad arguments raise here, before the first piece.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -406,10 +408,10 @@ def stream(model, tokenizer=None, *, prompts=None, messages=None, prompt_ids=Non
         raise ValueError(f"stream: takes one prompt, got {len(rows)}; use generate() for batches")
     sess = _Session(model, tokenizer, rows, max_new_tokens, params, ignore_eos)
     # Validation and prefill happen here, at the call; the pieces come from the generator.
-    return _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats)
+    return _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats, interrupted)
 
 
-def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterator[str]:
+def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats, interrupted) -> Iterator[str]:
     dec = StreamDecoder(tokenizer)
     eos, text, held, new_ids, reason = sess.static["eos_id"], "", "", [], "length"
     stop = [s for s in (stop or []) if s]
@@ -417,6 +419,9 @@ def _stream_pieces(sess, tokenizer, rows, max_new_tokens, stop, stats) -> Iterat
     t0 = time.perf_counter()
     t_first = None  # end of the first step, which may include compiling the step
     for i in range(max_new_tokens):
+        if interrupted is not None and interrupted():
+            reason = "interrupted"
+            break
         token = int(sess.step(last=i == max_new_tokens - 1)[0])
         t_first = t_first or time.perf_counter()
         if token == eos and not sess.static["ignore_eos"]:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 
 def parse_args(argv=None):
@@ -199,19 +201,26 @@ def _chat(model, tok, args, kw, out) -> int:
             continue
         stats: dict = {}
         reply = ""
+        # Ctrl-C during a reply sets a flag that the stream reads before each token, rather than
+        # raising KeyboardInterrupt wherever the signal lands (inside JAX's dispatch or
+        # compilation, where an exception raised in a callback can be swallowed and the reply
+        # then ran to its end: seen once in CI).
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         out.write("Assistant: ")
         out.flush()  # the label shows at once, before prefill and the first printable token
         try:
             for piece in dsv2_jax.stream(model, tok, messages=_with_system(args, history), **kw,
-                                         stats=stats):
+                                         stats=stats, interrupted=interrupted.is_set):
                 reply += piece
                 out.write(piece)
                 out.flush()
-        except KeyboardInterrupt:
-            out.write("\n")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        out.write("\n")
+        if interrupted.is_set():
             print("[reply stopped]", file=sys.stderr)
         else:
-            out.write("\n")
             _report(stats)
         history.append({"role": "assistant", "content": reply})
     return 0

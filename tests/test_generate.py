@@ -256,3 +256,26 @@ def test_the_last_token_runs_no_forward(models, max_new):
     list(dsv2_jax.stream(model, _FakeTok(), prompt_ids=prompt, max_new_tokens=max_new,
                          ignore_eos=True, stats=stats))
     assert stats["token_ids"] == tokens
+
+
+def test_stream_ends_when_interrupted(models):
+    """``interrupted`` is asked before each step: answering True from the 4th question on ends
+    the stream after 3 tokens (the same 3 as an uninterrupted run), finish reason
+    "interrupted"; True from the start gives no token at all."""
+    model = models["lite"]
+    prompt = _prompt(9, 5)
+    full = dsv2_jax.generate(model, prompt_ids=[prompt], max_new_tokens=12, ignore_eos=True).token_ids[0]
+    asked = []
+
+    def interrupted():
+        asked.append(1)
+        return len(asked) > 3
+
+    stats = {}
+    list(dsv2_jax.stream(model, _FakeTok(), prompt_ids=prompt, max_new_tokens=12, ignore_eos=True,
+                         stats=stats, interrupted=interrupted))
+    assert stats["finish_reason"] == "interrupted" and stats["token_ids"] == full[:3]
+    stats = {}
+    assert list(dsv2_jax.stream(model, _FakeTok(), prompt_ids=prompt, max_new_tokens=12,
+                                stats=stats, interrupted=lambda: True)) == []
+    assert stats["finish_reason"] == "interrupted" and stats["token_ids"] == []
