@@ -186,12 +186,12 @@ def _tiled_grouped_matmul(x, w, group_sizes):
     e = group_sizes.shape[0]
     n = out_features(w)
     tile = _tile_size(m, e)
-    n_tiles = -(-m // tile) + e  # static bound on sum_e ceil(group_e / tile)
+    n_tiles = _tile_count(m, e, tile)
+    if _is_dense(w) and n_tiles * k * n * x.dtype.itemsize <= BATCHED_TILES_MAX_BYTES:
+        return _batched_tiles(x, w, group_sizes, tile)
     tiles_per = -(-group_sizes // tile)
     tile_end = jnp.cumsum(tiles_per)  # inclusive
     row_off = jnp.cumsum(group_sizes) - group_sizes
-    if _is_dense(w) and n_tiles * k * n * x.dtype.itemsize <= BATCHED_TILES_MAX_BYTES:
-        return _batched_tiles(x, w, group_sizes, tile, n_tiles, tiles_per, tile_end, row_off)
     x_pad = jnp.concatenate([x, jnp.zeros((tile, k), x.dtype)])
     w = vary_like(w, x)
 
@@ -229,9 +229,14 @@ def _tile_size(m: int, e: int) -> int:
     return int(min(128, max(8, 1 << max(0, (m // e - 1)).bit_length())))
 
 
+def _tile_count(m: int, e: int, tile: int) -> int:
+    """Static bound on sum_e ceil(group_e / tile) for m rows over e experts."""
+    return -(-m // tile) + e
+
+
 def _tiles(group_sizes, m: int, tile: int) -> _Tiles:
     e = group_sizes.shape[0]
-    n_tiles = -(-m // tile) + e  # static bound on sum_e ceil(group_e / tile)
+    n_tiles = _tile_count(m, e, tile)
     tiles_per = -(-group_sizes // tile)
     tile_end = jnp.cumsum(tiles_per)  # inclusive
     row_off = jnp.cumsum(group_sizes) - group_sizes
@@ -265,7 +270,7 @@ def _tile_inputs(x, source_rows, t: _Tiles) -> jax.Array:
     return x_pad.at[idx].get(mode="promise_in_bounds")
 
 
-def _batched_tiles(x, w, group_sizes, tile, n_tiles, tiles_per, tile_end, row_off):
+def _batched_tiles(x, w, group_sizes, tile):
     """:func:`_tiled_grouped_matmul` as one batched matmul: tile i (of expert ex[i]) gathers
     its rows of x and its expert's weight; each output row gathers its value back from its
     tile. Rows of no tile (past the groups) and tiles past the last one read a zero row."""
@@ -273,13 +278,19 @@ def _batched_tiles(x, w, group_sizes, tile, n_tiles, tiles_per, tile_end, row_of
     e = group_sizes.shape[0]
     t = _tiles(group_sizes, m, tile)
     yt = jnp.einsum("tmk,tkn->tmn", _tile_inputs(x, None, t), _tile_weights(w, t, x.dtype))
-    # Output row r: its expert, then its tile and place in that tile.
+    # Output row r: its expert, then its place in that expert's tiles.
     r = jnp.arange(m)
     group_end = jnp.cumsum(group_sizes)
     er = jnp.minimum(jnp.searchsorted(group_end, r, side="right"), e - 1)
-    offset = r - row_off[er]
-    y = yt[tile_end[er] - tiles_per[er] + offset // tile, offset % tile]  # [M, N]
-    return jnp.where((r < group_end[-1])[:, None], y, 0).astype(x.dtype)
+    return _from_tiles(yt, t, er, r, r < group_end[-1]).astype(x.dtype)
+
+
+def _from_tiles(yt, t: _Tiles, expert, sorted_row, held) -> jax.Array:
+    """Rows of the tile-layout result ``yt`` [tiles, tile, N]: for each (expert, sorted row),
+    its place among that expert's tiles; rows not ``held`` are zero."""
+    pos = jnp.where(held, t.first[expert] * t.size + sorted_row - t.row_off[expert], 0)
+    y = yt.reshape(t.n * t.size, -1).at[pos].get(mode="promise_in_bounds")
+    return jnp.where(held[:, None], y, 0)
 
 
 def tiled_ffn_fits(m: int, *ws: Stacked) -> bool:
@@ -288,8 +299,7 @@ def tiled_ffn_fits(m: int, *ws: Stacked) -> bool:
     if backend.on_gpu() or not all(_is_dense(w) and not isinstance(w, Adapted) for w in ws):
         return False
     e = ws[0].shape[0]
-    tile = _tile_size(m, e)
-    n_tiles = -(-m // tile) + e
+    n_tiles = _tile_count(m, e, _tile_size(m, e))
     return all(n_tiles * w.shape[1] * w.shape[2] * w.dtype.itemsize <= BATCHED_TILES_MAX_BYTES for w in ws)
 
 
@@ -309,9 +319,6 @@ def tiled_ffn(x, token_of, pair_expert, inverse, group_sizes, w_gate, w_up, w_do
     xt = _tile_inputs(x, token_of, t)
     h = (jax.nn.silu(jnp.einsum("tmk,tkn->tmn", xt, _tile_weights(w_gate, t, x.dtype)))
          * jnp.einsum("tmk,tkn->tmn", xt, _tile_weights(w_up, t, x.dtype)))
-    yt = jnp.einsum("tmk,tkn->tmn", h, _tile_weights(w_down, t, x.dtype)).reshape(t.n * t.size, -1)
+    yt = jnp.einsum("tmk,tkn->tmn", h, _tile_weights(w_down, t, x.dtype))
     held = pair_expert < e
-    ep = jnp.minimum(pair_expert, e - 1)
-    pos = jnp.where(held, t.first[ep] * t.size + inverse - t.row_off[ep], 0)
-    y = yt.at[pos].get(mode="promise_in_bounds")
-    return jnp.where(held[:, None], y, 0).astype(x.dtype)
+    return _from_tiles(yt, t, jnp.minimum(pair_expert, e - 1), inverse, held).astype(x.dtype)

@@ -97,7 +97,7 @@ def head_chunk(batch: int, seq_len: int, vocab: int) -> int:
     return math.ceil(seq_len / n_chunks)
 
 
-def _head_pass(x, w, targets, mask, dtype, grads: bool):
+def _head_pass(x, w, targets, mask, dtype, grads: tuple[bool, bool] | None):
     """The chunk loop: the summed masked NLL and, with ``grads`` (a pair of flags for x and w),
     the gradients of that sum."""
     b, t, h = x.shape
